@@ -1,0 +1,117 @@
+"""Per-transaction server state and the per-storage commit lock.
+
+Both live on the server's event loop thread: no thread locks.  The commit lock is granted in
+FIFO order and held from the start of a vote to the end of tpc_finish/tpc_abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+from collections import deque
+from typing import Any
+
+# Buffered record kinds (first item of each buffered tuple).
+STORE, CHECK, RESTORE, DELETE, UNDO = "store", "check", "restore", "delete", "undo"
+
+
+class TxnPhase(enum.Enum):
+    OPEN = "open"  # buffering writes
+    WAITING = "waiting"  # vote queued for the commit lock
+    VOTING = "voting"  # vote replay running on the commit worker (lock held)
+    VOTED = "voted"  # vote succeeded; lock held until finish or abort
+    FINISHING = "finishing"  # tpc_finish running on the commit worker
+    ENDED = "ended"
+
+
+class ServerTransaction:
+    """One client transaction as the server sees it, from tpc_begin to its end.
+
+    ``records`` holds the buffered writes as tuples, in arrival order; the record data stay the
+    ``bytes`` objects that arrived (no pickling round trip).  ``blobs`` lists
+    ``(oid, serial, data, path)`` of uploaded blob files, consumed at vote.
+    """
+
+    __slots__ = (
+        "txn_id", "user", "description", "extension", "tid", "status", "records",
+        "blobs", "phase", "meta", "lock_waiter", "aborted", "timeout_handle",
+        "locked_at", "nbytes",
+    )
+
+    def __init__(self, txn_id: Any, user: bytes, description: bytes, extension: dict,
+                 tid: bytes | None, status: str) -> None:
+        self.txn_id = txn_id
+        self.user = user
+        self.description = description
+        self.extension = extension
+        self.tid = tid
+        self.status = status
+        self.records: list[tuple] = []
+        self.blobs: list[tuple[bytes, bytes, bytes, str]] = []
+        self.phase = TxnPhase.OPEN
+        self.meta: Any = None  # the TransactionMetaData handed to the storage
+        self.lock_waiter: asyncio.Future | None = None
+        self.aborted = False
+        self.timeout_handle: asyncio.TimerHandle | None = None
+        self.locked_at: float | None = None
+        self.nbytes = 0
+
+    @property
+    def holds_lock(self) -> bool:
+        return self.phase in (TxnPhase.VOTING, TxnPhase.VOTED, TxnPhase.FINISHING)
+
+    def discard_blobs(self) -> None:
+        """Remove uploaded blob files the storage did not take."""
+        for _oid, _serial, _data, path in self.blobs:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        self.blobs.clear()
+
+
+class CommitLock:
+    """FIFO commit lock of one storage, used from the loop thread only."""
+
+    __slots__ = ("holder", "waiters")
+
+    def __init__(self) -> None:
+        self.holder: ServerTransaction | None = None
+        self.waiters: deque[tuple[ServerTransaction, asyncio.Future]] = deque()
+
+    def acquire(self, txn: ServerTransaction, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """A future that completes when ``txn`` holds the lock."""
+        fut = loop.create_future()
+        if self.holder is None:
+            self.holder = txn
+            fut.set_result(None)
+        else:
+            self.waiters.append((txn, fut))
+        return fut
+
+    def cancel(self, txn: ServerTransaction) -> None:
+        """Drop ``txn`` from the queue of waiters (it gave up before getting the lock)."""
+        for item in self.waiters:
+            if item[0] is txn:
+                self.waiters.remove(item)
+                if not item[1].done():
+                    item[1].cancel()
+                return
+
+    def release(self, txn: ServerTransaction) -> None:
+        """Release the lock held by ``txn`` and grant it to the first live waiter."""
+        if self.holder is not txn:
+            return
+        self.holder = None
+        while self.waiters:
+            nxt, fut = self.waiters.popleft()
+            if fut.done():  # cancelled
+                continue
+            self.holder = nxt
+            fut.set_result(None)
+            return
+
+    @property
+    def waiting(self) -> int:
+        return len(self.waiters)

@@ -1,0 +1,546 @@
+"""One client connection to the server: an asyncio Protocol over the sans-I/O core.
+
+A :class:`Session` decodes calls, dispatches them to its ZEO method table, and writes replies.
+Reads run inline on the loop (see docs/design.rst); the commit path runs on the storage's
+commit worker thread.  Errors in one session never reach another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ZODB.POSException import (
+    ConflictError,
+    POSKeyError,
+    ReadConflictError,
+    ReadOnlyError,
+    StorageTransactionError,
+)
+
+from ..protocol import Handshake, RemoteProtocolError, RuokRequest, ServerConnection
+from ..protocol.errors import LocalProtocolError
+from .commit import CHECK, DELETE, RESTORE, STORE, UNDO, ServerTransaction, TxnPhase
+
+if TYPE_CHECKING:
+    from .storage_server import StorageServer, StorageState
+
+logger = logging.getLogger("ZEO.server")
+
+BLOB_CHUNK_SIZE = 59000
+# Exceptions that are part of normal operation: never logged as errors.
+_QUIET = (POSKeyError, ConflictError, ReadConflictError)
+
+#: Methods a registered session answers (zeo-facts §2.1), mapped to the Session method name.
+REGISTERED_METHODS = (
+    "get_info", "lastTransaction", "getInvalidations", "new_oids", "pack", "loadBefore",
+    "storea", "checkCurrentSerialInTransaction", "restorea", "storeBlobStart",
+    "storeBlobChunk", "storeBlobEnd", "storeBlobShared", "deleteObject", "tpc_begin", "vote",
+    "tpc_finish", "tpc_abort", "history", "record_iternext", "sendBlob", "getTid",
+    "loadSerial", "new_oid", "undoa", "undoLog", "undoInfo", "iterator_start",
+    "iterator_next", "iterator_record_start", "iterator_record_next", "iterator_gc",
+    "server_status", "set_client_label", "ping",
+)
+
+
+class Session(asyncio.Protocol):
+    """The server side of one client connection."""
+
+    def __init__(self, server: StorageServer) -> None:
+        self.server = server
+        self.loop = server.event_loop
+        self.transport: asyncio.Transport | None = None
+        self.conn = ServerConnection(server.announce, server.max_message_size)
+        self.peer = "?"
+        self.label = "?"
+        self.state: StorageState | None = None
+        self.storage: Any = None
+        self.read_only = False
+        self.txn: ServerTransaction | None = None
+        self.closed = False
+        self._batch: list[bytes] | None = None
+        self._methods: dict[str, Callable] = {"register": self.register}
+        self._iterators: dict[int, Any] = {}
+        self._iterator_last: dict[int, Any] = {}
+        self._next_iterator_id = 0
+        self._blob_upload: tuple[Any, str] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.connected_at = time.time()
+        self.calls = 0
+
+    # -- transport glue ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        else:
+            self.peer = str(peer or transport.get_extra_info("sockname") or "unix")
+        self.label = self.peer
+        self.server.session_opened(self)
+        transport.write(self.conn.greeting())  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        # Replies produced while handling this chunk leave in one write at the end.
+        self._batch = batch = []
+        try:
+            for event in self.conn.receive_data(data):
+                if type(event) is tuple:
+                    self._handle_call(event)
+                elif isinstance(event, Handshake):
+                    logger.debug("(%s) handshake %r", self.label, event.protocol)
+                elif isinstance(event, RuokRequest):
+                    batch.append(self.conn.send_status(self.server.ruok()))
+                    self._flush(batch)
+                    self.close()
+                    return
+                if self.closed:
+                    break
+        except RemoteProtocolError as e:
+            logger.error("(%s) protocol error, closing: %s", self.label, e)
+            self._flush(batch)
+            self.close()
+            return
+        finally:
+            self._batch = None
+        self._flush(batch)
+
+    def _flush(self, batch: list[bytes]) -> None:
+        if batch and self.transport is not None and not self.transport.is_closing():
+            if len(batch) == 1:
+                self.transport.write(batch[0])
+            else:
+                self.transport.writelines(batch)
+        batch.clear()
+
+    def write(self, frame: bytes) -> None:
+        batch = self._batch
+        if batch is not None:
+            batch.append(frame)
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._writable.set()
+        if self.txn is not None:
+            txn = self.txn
+            logger.warning(
+                "(%s) disconnected during %s transaction", self.label,
+                "locked" if txn.holds_lock else "unlocked",
+            )
+            self._abort_txn(txn)
+        self._close_blob_upload()
+        self._iterators.clear()
+        self._iterator_last.clear()
+        if self.state is not None:
+            self.state.sessions.pop(self, None)
+        self.server.session_closed(self)
+        logger.info("(%s) disconnected", self.label)
+
+    def close(self) -> None:
+        """Close this connection (idempotent); cleanup happens in connection_lost."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self.closed = True
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def _handle_call(self, msg: tuple) -> None:
+        msgid, flags, name, args = msg
+        self.calls += 1
+        if name == ".reply":
+            return  # a stray reply (e.g. a heartbeat variant): nothing to do
+        meth = self._methods.get(name)
+        if meth is None:
+            logger.error("(%s) invalid method %r, closing", self.label, name)
+            self.close()
+            return
+        if type(args) is not tuple:
+            args = tuple(args) if isinstance(args, list) else (args,)
+        try:
+            result = meth(*args)
+        except Exception as exc:
+            if flags:
+                logger.error("(%s) one-way call %r failed, closing: %r", self.label, name, exc)
+                self.close()
+                return
+            self._log_failure(name, exc)
+            self.write(self.conn.send_error(msgid, exc))
+            return
+        if flags:
+            return
+        if asyncio.isfuture(result):
+            result.add_done_callback(lambda fut: self._deferred_reply(msgid, name, fut))
+        else:
+            self._reply(msgid, result)
+
+    def _reply(self, msgid: Any, result: Any) -> None:
+        try:
+            self.write(self.conn.send_reply(msgid, result))
+        except LocalProtocolError as e:
+            logger.error("(%s) reply too large: %s", self.label, e)
+            self.write(self.conn.send_error(msgid, ValueError(str(e))))
+
+    def _deferred_reply(self, msgid: Any, name: str, fut: asyncio.Future) -> None:
+        if self.closed or fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._log_failure(name, exc)
+            self.write(self.conn.send_error(msgid, exc))
+        else:
+            self._reply(msgid, fut.result())
+
+    def _log_failure(self, name: str, exc: BaseException) -> None:
+        if not isinstance(exc, _QUIET):
+            logger.error("(%s) %r raised exception: %r", self.label, name, exc,
+                         exc_info=(type(exc), exc, exc.__traceback__)
+                         if not isinstance(exc, (ReadOnlyError, StorageTransactionError))
+                         else None)
+
+    def send_oneway(self, name: str, args: tuple) -> None:
+        if not self.closed:
+            self.write(self.conn.send_oneway(name, args))
+
+    # -- registration ----------------------------------------------------------------
+
+    def register(self, storage_id: str, read_only: Any) -> bytes:
+        state = self.server.states.get(storage_id)
+        if state is None:
+            raise ValueError(f"unknown storage: {storage_id}")
+        read_only = bool(read_only)
+        if not read_only and (self.server.read_only or state.storage.isReadOnly()):
+            raise ReadOnlyError()
+        self.state = state
+        self.storage = state.storage
+        self.read_only = read_only or self.server.read_only or bool(state.storage.isReadOnly())
+        self._methods = {name: getattr(self, name) for name in REGISTERED_METHODS}
+        state.sessions[self] = None
+        logger.info("(%s) registered on storage %r%s", self.label, storage_id,
+                    " read-only" if self.read_only else "")
+        return state.published_tid
+
+    def set_client_label(self, label: Any) -> None:
+        self.label = f"{label} {self.peer}"
+
+    def ping(self) -> None:
+        return None
+
+    def server_status(self) -> dict:
+        assert self.state is not None
+        return self.state.status()
+
+    # -- reads (inline on the loop) ------------------------------------------------------
+
+    def get_info(self) -> dict:
+        assert self.state is not None
+        return self.state.info()
+
+    def lastTransaction(self) -> bytes:
+        assert self.state is not None
+        return self.state.published_tid
+
+    def loadBefore(self, oid: bytes, tid: bytes) -> Any:
+        self.state.stats_loads += 1  # type: ignore[union-attr]
+        return self.storage.loadBefore(oid, tid)
+
+    def getInvalidations(self, tid: bytes) -> Any:
+        assert self.state is not None
+        return self.state.get_invalidations(tid)
+
+    # -- reads that may wait on the storage lock: off the loop -----------------------
+
+    def _offload(self, func: Callable, *args: Any) -> asyncio.Future:
+        return self.loop.run_in_executor(self.server.read_executor, func, *args)
+
+    def loadSerial(self, oid: bytes, serial: bytes) -> asyncio.Future:
+        return self._offload(self.storage.loadSerial, oid, serial)
+
+    def getTid(self, oid: bytes) -> asyncio.Future:
+        return self._offload(self.storage.getTid, oid)
+
+    def history(self, oid: bytes, size: int = 1) -> asyncio.Future:
+        return self._offload(lambda: self.storage.history(oid, size=size))
+
+    def record_iternext(self, next: Any = None) -> Any:
+        return self._offload(self.storage.record_iternext, next)
+
+    def new_oids(self, n: int = 100) -> asyncio.Future:
+        if self.read_only:
+            raise ReadOnlyError()
+        n = min(n, 100)
+        if n <= 0:
+            n = 1
+        new_oid = self.storage.new_oid
+        return self._offload(lambda: [new_oid() for _ in range(n)])
+
+    def new_oid(self) -> None:
+        raise AttributeError("'Session' object has no attribute 'new_oid'")
+
+    def undoLog(self, first: int = 0, last: int = -20) -> Any:
+        if not self.storage.supportsUndo():
+            return ()
+        return self._offload(self.storage.undoLog, first, last)
+
+    def undoInfo(self, first: int = 0, last: int = -20, spec: Any = None) -> Any:
+        if not self.storage.supportsUndo():
+            return ()
+        return self._offload(self.storage.undoInfo, first, last, spec)
+
+    def pack(self, t: float, wait: Any = 1) -> Any:
+        assert self.state is not None
+        fut = self.state.pack(t)
+        if wait:
+            return fut
+        return None
+
+    # -- iteration ---------------------------------------------------------------------
+
+    def _new_iterator_id(self) -> int:
+        iid = self._next_iterator_id
+        self._next_iterator_id += 1
+        return iid
+
+    def iterator_start(self, start: Any = None, stop: Any = None) -> int:
+        iid = self._new_iterator_id()
+        self._iterators[iid] = iter(self.storage.iterator(start, stop))
+        return iid
+
+    def iterator_next(self, iid: int) -> Any:
+        it = self._iterators.get(iid)
+        if it is None:
+            raise KeyError(iid)
+        try:
+            txn = next(it)
+        except StopIteration:
+            del self._iterators[iid]
+            self._iterator_last.pop(iid, None)
+            return None
+        self._iterator_last[iid] = txn
+        return (txn.tid, txn.status, txn.user, txn.description, txn.extension)
+
+    def iterator_record_start(self, txn_iid: int, tid: bytes) -> int:
+        txn = self._iterator_last.get(txn_iid)
+        if txn is None or txn.tid != tid:
+            raise Exception(f"Out-of-order request for records of {tid!r}")
+        riid = self._new_iterator_id()
+        self._iterators[riid] = iter(txn)
+        return riid
+
+    def iterator_record_next(self, riid: int) -> Any:
+        it = self._iterators.get(riid)
+        if it is None:
+            raise KeyError(riid)
+        try:
+            rec = next(it)
+        except StopIteration:
+            del self._iterators[riid]
+            return None
+        return (rec.oid, rec.tid, rec.data, rec.data_txn)
+
+    def iterator_gc(self, iids: Any) -> None:
+        for iid in iids:
+            self._iterators.pop(iid, None)
+            self._iterator_last.pop(iid, None)
+
+    # -- the transaction: buffered writes ------------------------------------------------
+
+    def _check_txn(self, txn_id: Any) -> ServerTransaction:
+        txn = self.txn
+        if txn is None:
+            raise StorageTransactionError(None, txn_id)
+        if txn.txn_id != txn_id:
+            raise StorageTransactionError(txn.txn_id, txn_id)
+        if txn.phase is not TxnPhase.OPEN:
+            raise StorageTransactionError("transaction is past its buffering phase")
+        return txn
+
+    def _buffer(self, txn: ServerTransaction, record: tuple, size: int) -> None:
+        txn.records.append(record)
+        txn.nbytes += size
+        limit = self.server.max_transaction_size
+        if limit and txn.nbytes > limit:
+            raise StorageTransactionError(
+                f"transaction buffers more than {limit} bytes (max-transaction-size)")
+
+    def tpc_begin(self, txn_id: Any, user: bytes = b"", description: bytes = b"",
+                  extension: Any = None, tid: bytes | None = None, status: str = " ") -> None:
+        if self.read_only:
+            raise ReadOnlyError()
+        if self.txn is not None:
+            if self.txn.txn_id == txn_id:
+                return  # a duplicate begin
+            raise StorageTransactionError(
+                "Multiple simultaneous tpc_begin requests from one client."
+            )
+        self.txn = ServerTransaction(txn_id, user, description, dict(extension or {}), tid,
+                                     status)
+        self.state.stats_active_txns += 1  # type: ignore[union-attr]
+
+    def storea(self, oid: bytes, serial: bytes, data: bytes, txn_id: Any) -> None:
+        txn = self._check_txn(txn_id)
+        self.state.stats_stores += 1  # type: ignore[union-attr]
+        self._buffer(txn, (STORE, oid, serial, data), len(data) if data else 0)
+
+    def checkCurrentSerialInTransaction(self, oid: bytes, serial: bytes, txn_id: Any) -> None:
+        txn = self._check_txn(txn_id)
+        self._buffer(txn, (CHECK, oid, serial), 0)
+
+    def restorea(self, oid: bytes, serial: bytes, data: Any, prev_txn: Any, txn_id: Any) -> None:
+        txn = self._check_txn(txn_id)
+        self.state.stats_stores += 1  # type: ignore[union-attr]
+        self._buffer(txn, (RESTORE, oid, serial, data, prev_txn), len(data) if data else 0)
+
+    def deleteObject(self, oid: bytes, serial: bytes, txn_id: Any) -> None:
+        txn = self._check_txn(txn_id)
+        self.state.stats_stores += 1  # type: ignore[union-attr]
+        self._buffer(txn, (DELETE, oid, serial), 0)
+
+    def undoa(self, undone_tid: bytes, txn_id: Any) -> None:
+        txn = self._check_txn(txn_id)
+        self._buffer(txn, (UNDO, undone_tid), 0)
+
+    # -- blob uploads ----------------------------------------------------------------
+
+    def _close_blob_upload(self) -> None:
+        if self._blob_upload is not None:
+            f, path = self._blob_upload
+            self._blob_upload = None
+            f.close()
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+    def storeBlobStart(self) -> None:
+        self._close_blob_upload()
+        fd, path = tempfile.mkstemp(suffix=".tmp", dir=self.storage.temporaryDirectory())
+        self._blob_upload = (os.fdopen(fd, "wb"), path)
+
+    def storeBlobChunk(self, chunk: bytes) -> None:
+        if self._blob_upload is None:
+            raise StorageTransactionError("storeBlobChunk without storeBlobStart")
+        self._blob_upload[0].write(chunk)
+
+    def storeBlobEnd(self, oid: bytes, serial: bytes, data: bytes, txn_id: Any) -> None:
+        if self._blob_upload is None:
+            raise StorageTransactionError("storeBlobEnd without storeBlobStart")
+        f, path = self._blob_upload
+        self._blob_upload = None
+        f.close()
+        try:
+            txn = self._check_txn(txn_id)
+        except Exception:
+            os.remove(path)
+            raise
+        txn.blobs.append((oid, serial, data, path))
+
+    def storeBlobShared(self, oid: bytes, serial: bytes, data: bytes, filename: str,
+                        txn_id: Any) -> None:
+        txn = self._check_txn(txn_id)
+        if (
+            not isinstance(filename, str)
+            or os.sep in filename
+            or (os.altsep and os.altsep in filename)
+            or filename in ("", ".", "..")
+            or not (filename.endswith(".tmp") or filename[:-1].endswith(".tmp"))
+        ):
+            logger.critical("(%s) storeBlobShared with a bad file name %r: refused",
+                            self.label, filename)
+            raise ValueError(f"bad blob file name {filename!r}")
+        helper = getattr(self.storage, "fshelper", None)
+        if helper is None:
+            raise ValueError("this storage has no shared blob directory")
+        path = os.path.join(helper.getPathForOID(oid), filename)
+        txn.blobs.append((oid, serial, data, path))
+
+    async def _send_blob(self, oid: bytes, serial: bytes) -> None:
+        path = self.storage.loadBlob(oid, serial)
+        send = self.send_oneway
+        with open(path, "rb") as f:
+            send("receiveBlobStart", (oid, serial))
+            while True:
+                chunk = f.read(BLOB_CHUNK_SIZE)
+                if not chunk:
+                    break
+                send("receiveBlobChunk", (oid, serial, chunk))
+                if not self._writable.is_set():
+                    await self._writable.wait()
+                if self.closed:
+                    return
+            send("receiveBlobStop", (oid, serial))
+
+    def sendBlob(self, oid: bytes, serial: bytes) -> asyncio.Future:
+        return asyncio.ensure_future(self._send_blob(oid, serial), loop=self.loop)
+
+    # -- the transaction: vote, finish, abort ----------------------------------------
+
+    def vote(self, txn_id: Any) -> asyncio.Future:
+        txn = self.txn
+        if txn is None or txn.txn_id != txn_id:
+            raise StorageTransactionError(txn.txn_id if txn else None, txn_id)
+        if txn.phase is TxnPhase.WAITING:
+            raise StorageTransactionError("Already voting (waiting)")
+        if txn.phase is not TxnPhase.OPEN:
+            raise StorageTransactionError("Already voting (locked)")
+        assert self.state is not None
+        return asyncio.ensure_future(self.state.vote(self, txn), loop=self.loop)
+
+    def tpc_finish(self, txn_id: Any) -> Any:
+        txn = self.txn
+        if txn is None or txn.txn_id != txn_id:
+            logger.warning("(%s) tpc_finish for a transaction that is not current",
+                           self.label)
+            return None
+        if txn.phase is not TxnPhase.VOTED:
+            raise StorageTransactionError("tpc_finish before a successful vote")
+        assert self.state is not None
+        return asyncio.ensure_future(self.state.finish(self, txn), loop=self.loop)
+
+    def tpc_abort(self, txn_id: Any) -> Any:
+        txn = self.txn
+        if txn is None or txn.txn_id != txn_id:
+            return None
+        return self._abort_txn(txn)
+
+    def _abort_txn(self, txn: ServerTransaction) -> asyncio.Future | None:
+        assert self.state is not None
+        return self.state.abort(self, txn)
+
+    def transaction_ended(self, txn: ServerTransaction) -> None:
+        """Called by the storage state once ``txn`` committed or aborted."""
+        if self.txn is txn:
+            self.txn = None
+        txn.phase = TxnPhase.ENDED
+
+    def statistics(self) -> dict:
+        return {
+            "label": self.label,
+            "peer": self.peer,
+            "storage": self.state.storage_id if self.state else None,
+            "read_only": self.read_only,
+            "protocol": self.conn.protocol.decode() if self.conn.protocol else None,
+            "connected_at": self.connected_at,
+            "calls": self.calls,
+            "in_transaction": self.txn is not None,
+        }
