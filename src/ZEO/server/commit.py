@@ -36,7 +36,7 @@ class ServerTransaction:
     __slots__ = (
         "txn_id", "user", "description", "extension", "tid", "status", "records",
         "blobs", "phase", "meta", "lock_waiter", "aborted", "timeout_handle",
-        "locked_at", "nbytes",
+        "locked_at", "nbytes", "invalidated",
     )
 
     def __init__(self, txn_id: Any, user: bytes, description: bytes, extension: dict,
@@ -56,6 +56,7 @@ class ServerTransaction:
         self.timeout_handle: asyncio.TimerHandle | None = None
         self.locked_at: float | None = None
         self.nbytes = 0
+        self.invalidated: list[bytes] = []  # oids to broadcast, set by a successful vote
 
     @property
     def holds_lock(self) -> bool:

@@ -345,7 +345,8 @@ class StorageState:
             if resolved:
                 returned.extend(resolved)
                 self.stats_conflicts_resolved += len(resolved)
-            txn.records = invalidated  # the records are not needed any more
+            txn.invalidated = invalidated
+            txn.records = []  # replayed into the storage: no longer needed
             return "ok", returned
         except BaseException:
             storage.tpc_abort(meta)
@@ -353,7 +354,7 @@ class StorageState:
 
     async def finish(self, session: Session, txn: ServerTransaction) -> bytes:
         txn.phase = TxnPhase.FINISHING
-        oids = list(dict.fromkeys(txn.records))
+        oids = list(dict.fromkeys(txn.invalidated))
         loop = self.loop
         publish = self.publish
 
