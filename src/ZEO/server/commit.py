@@ -36,7 +36,7 @@ class ServerTransaction:
     __slots__ = (
         "txn_id", "user", "description", "extension", "tid", "status", "records",
         "blobs", "phase", "meta", "lock_waiter", "aborted", "timeout_handle",
-        "locked_at", "nbytes", "invalidated",
+        "locked_at", "nbytes", "invalidated", "vote_started_at",
     )
 
     def __init__(self, txn_id: Any, user: bytes, description: bytes, extension: dict,
@@ -55,6 +55,7 @@ class ServerTransaction:
         self.aborted = False
         self.timeout_handle: asyncio.TimerHandle | None = None
         self.locked_at: float | None = None
+        self.vote_started_at: float | None = None
         self.nbytes = 0
         self.invalidated: list[bytes] = []  # oids to broadcast, set by a successful vote
 

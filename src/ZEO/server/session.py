@@ -74,6 +74,8 @@ class Session(asyncio.Protocol):
         self._writable.set()
         self.connected_at = time.time()
         self.calls = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     # -- transport glue ----------------------------------------------------------------
 
@@ -96,6 +98,7 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # Replies produced while handling this chunk leave in one write at the end.
         self._batch = batch = []
+        self.bytes_in += len(data)
         try:
             for event in self.conn.receive_data(data):
                 if type(event) is tuple:
@@ -121,8 +124,10 @@ class Session(asyncio.Protocol):
     def _flush(self, batch: list[bytes]) -> None:
         if batch and self.transport is not None and not self.transport.is_closing():
             if len(batch) == 1:
+                self.bytes_out += len(batch[0])
                 self.transport.write(batch[0])
             else:
+                self.bytes_out += sum(map(len, batch))
                 self.transport.writelines(batch)
         batch.clear()
 
@@ -131,6 +136,7 @@ class Session(asyncio.Protocol):
         if batch is not None:
             batch.append(frame)
         elif self.transport is not None and not self.transport.is_closing():
+            self.bytes_out += len(frame)
             self.transport.write(frame)
 
     def pause_writing(self) -> None:
@@ -543,4 +549,6 @@ class Session(asyncio.Protocol):
             "connected_at": self.connected_at,
             "calls": self.calls,
             "in_transaction": self.txn is not None,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
         }

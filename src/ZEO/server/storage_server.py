@@ -153,6 +153,9 @@ class StorageState:
         self.stats_conflicts = 0
         self.stats_conflicts_resolved = 0
         self.stats_active_txns = 0
+        self.lock_granted_at = 0.0
+        self.lock_wait_seconds = 0.0  # summed over all granted votes
+        self.lock_hold_seconds = 0.0
         self._interfaces = tuple(
             (iface.__module__, iface.__name__) for iface in providedBy(storage).__iro__
         )
@@ -255,6 +258,7 @@ class StorageState:
 
     async def vote(self, session: Session, txn: ServerTransaction) -> Any:
         txn.phase = TxnPhase.WAITING
+        txn.vote_started_at = time.monotonic()
         fut = self.lock.acquire(txn, self.loop)
         txn.lock_waiter = fut
         if not fut.done():
@@ -266,6 +270,8 @@ class StorageState:
         await fut  # CancelledError when the transaction is aborted while waiting
         txn.phase = TxnPhase.VOTING
         txn.locked_at = time.time()
+        self.lock_granted_at = time.monotonic()
+        self.lock_wait_seconds += self.lock_granted_at - txn.vote_started_at
         timeout = self.server.transaction_timeout
         if timeout:
             txn.timeout_handle = self.loop.call_later(timeout, self._timed_out, session, txn,
@@ -398,6 +404,14 @@ class StorageState:
             txn.timeout_handle.cancel()
             txn.timeout_handle = None
         txn.locked_at = None
+        if self.lock.holder is txn:
+            now = time.monotonic()
+            wait = self.lock_granted_at - (txn.vote_started_at or self.lock_granted_at)
+            hold = now - self.lock_granted_at
+            self.lock_hold_seconds += hold
+            observer = self.server.observer
+            if observer is not None:
+                observer.lock_released(self.storage_id, wait, hold)
         self.lock.release(txn)
 
     def _end(self, session: Session, txn: ServerTransaction, aborted: bool) -> None:
@@ -429,7 +443,13 @@ class StorageState:
         self.storage.pack(t, referencesf)
 
     def statistics(self) -> dict:
-        return dict(self.status(), storage_id=self.storage_id)
+        return dict(
+            self.status(),
+            storage_id=self.storage_id,
+            invalidation_queue_length=len(self.invq),
+            lock_wait_seconds=self.lock_wait_seconds,
+            lock_hold_seconds=self.lock_hold_seconds,
+        )
 
 
 def _tid_time(tid: bytes) -> float:
@@ -510,6 +530,8 @@ class StorageServer:
         self.max_message_size = max_message_size
         self.max_transaction_size = max_transaction_size
         self.ssl = ssl
+        #: Optional observer with ``lock_released(storage_id, wait_s, hold_s)`` (metrics).
+        self.observer: Any = None
         self.event_loop = new_event_loop()
         self.read_executor = concurrent.futures.ThreadPoolExecutor(
             4, thread_name_prefix="zeo-read"
@@ -525,6 +547,8 @@ class StorageServer:
         self._loop_thread: int | None = None
         self.started_at = time.time()
         self.connections_total = 0
+        self.closed_bytes_in = 0  # traffic of sessions that have closed
+        self.closed_bytes_out = 0
         try:
             for a in _normalize_addresses(addr):
                 self._listen(a)
@@ -572,7 +596,9 @@ class StorageServer:
         logger.debug("(%s) connected", session.peer)
 
     def session_closed(self, session: Session) -> None:
-        self.sessions.pop(session, None)
+        if self.sessions.pop(session, 0) is None:
+            self.closed_bytes_in += session.bytes_in
+            self.closed_bytes_out += session.bytes_out
 
     # -- status ---------------------------------------------------------------------------
 
@@ -587,6 +613,8 @@ class StorageServer:
             "addresses": [a if isinstance(a, str) else list(a) for a in self.addresses],
             "connections": len(self.sessions),
             "connections_total": self.connections_total,
+            "bytes_in": sum(s.bytes_in for s in self.sessions) + self.closed_bytes_in,
+            "bytes_out": sum(s.bytes_out for s in self.sessions) + self.closed_bytes_out,
             "started_at": self.started_at,
             "storages": {sid: state.statistics() for sid, state in self.states.items()},
         }
