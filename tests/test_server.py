@@ -1,0 +1,240 @@
+"""StorageServer behaviour on the wire: commit lock, invalidations, timeouts, read-only.
+
+Each test runs a real StorageServer (its own loop thread, real sockets, a real FileStorage)
+and drives it with raw protocol calls, so the server's exact replies and ordering are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+
+import pytest
+from ZODB.FileStorage import FileStorage
+from ZODB.MappingStorage import MappingStorage
+from ZODB.utils import p64, z64
+
+from support.wire import RemoteError, WireClient
+from ZEO.server import StorageServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    servers = []
+
+    def make(**kw):
+        storages = kw.pop("storages", None) or {"1": FileStorage(str(tmp_path / "Data.fs"))}
+        server = StorageServer(("127.0.0.1", 0), storages, **kw)
+        server.start_thread()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def connect(server, storage="1", read_only=False, protocol=None):
+    c = WireClient(server.addr, protocol=protocol)
+    c.call("register", storage, read_only)
+    return c
+
+
+def commit(c, oid, serial, data, txn_id=1):
+    c.async_call("tpc_begin", txn_id, b"user", b"desc", {}, None, " ")
+    c.async_call("storea", oid, serial, data, txn_id)
+    assert list(c.call("vote", txn_id)) == []
+    return c.call("tpc_finish", txn_id)
+
+
+def test_register_unknown_storage_then_known(make_server):
+    server = make_server()
+    c = WireClient(server.addr)
+    with pytest.raises(RemoteError) as e:
+        c.call("register", "nope", 0)
+    assert e.value.args == ("builtins.ValueError", ("unknown storage: nope",))
+    assert c.call("register", "1", 0) == z64
+    assert c.call("ping") is None
+
+
+def test_commit_invalidates_others_and_informs_committer(make_server):
+    server = make_server()
+    a, b = connect(server), connect(server)
+    oid = a.call("new_oids", 1)[0]
+    tid = commit(a, oid, z64, b"data1")
+    # The committer got `info` before its reply, and no invalidation of its own.
+    assert [m[2] for m in a.oneways] == ["info"]
+    assert set(a.oneways[0][3][0]) == {"length", "size"}
+    assert b.read_message() == (0, True, "invalidateTransaction", (tid, [oid]))
+    assert b.call("loadBefore", oid, p64(2**63 - 1)) == (b"data1", tid, None)
+    assert b.call("lastTransaction") == tid
+    # A client registering now learns that tid at once.
+    assert connect(server).call("lastTransaction") == tid
+
+
+def test_commit_lock_is_fifo_and_held_until_finish(make_server):
+    server = make_server()
+    clients = [connect(server) for _ in range(3)]
+    oids = clients[0].call("new_oids", 3)
+    for i, c in enumerate(clients):
+        c.async_call("tpc_begin", 10 + i, b"", b"", {}, None, " ")
+        c.async_call("storea", oids[i], z64, b"x", 10 + i)
+    assert clients[0].call("vote", 10) == []
+    pending = [clients[i].send_call("vote", 10 + i) for i in (1, 2)]
+    deadline = time.monotonic() + 5
+    while server.server_status("1")["waiting"] != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.server_status("1")["waiting"] == 2
+    assert server.server_status("1")["lock_time"] is not None
+    clients[0].call("tpc_finish", 10)
+    # Client 1 is granted the lock; client 2 still waits for it.
+    assert clients[1].wait_reply(pending[0]) == (0, [])
+    assert server.server_status("1")["waiting"] == 1
+    clients[1].call("tpc_abort", 11)
+    assert clients[2].wait_reply(pending[1]) == (0, [])
+    clients[2].call("tpc_finish", 12)
+    status = server.server_status("1")
+    assert (status["commits"], status["aborts"], status["waiting"]) == (2, 1, 0)
+    assert status["lock_time"] is None
+
+
+def test_disconnect_while_holding_the_lock_releases_it(make_server):
+    server = make_server()
+    a, b = connect(server), connect(server)
+    oid = a.call("new_oids", 1)[0]
+    a.async_call("tpc_begin", 1, b"", b"", {}, None, " ")
+    a.async_call("storea", oid, z64, b"a", 1)
+    assert a.call("vote", 1) == []
+    b.async_call("tpc_begin", 2, b"", b"", {}, None, " ")
+    b.async_call("storea", oid, z64, b"b", 2)
+    msgid = b.send_call("vote", 2)
+    a.close()  # gone between vote and finish
+    assert b.wait_reply(msgid) == (0, [])
+    tid = b.call("tpc_finish", 2)
+    assert b.call("loadBefore", oid, p64(2**63 - 1)) == (b"b", tid, None)
+
+
+def test_transaction_timeout_closes_the_holder(make_server):
+    server = make_server(transaction_timeout=0.5)
+    a, b = connect(server), connect(server)
+    oid = a.call("new_oids", 1)[0]
+    a.async_call("tpc_begin", 1, b"", b"", {}, None, " ")
+    a.async_call("storea", oid, z64, b"a", 1)
+    assert a.call("vote", 1) == []
+    assert server.server_status("1")["timeout-thread-is-alive"] is True
+    assert a.is_closed(timeout=10)  # the server closed the connection of the holder
+    tid = commit(b, oid, z64, b"b", txn_id=2)
+    assert b.call("loadBefore", oid, p64(2**63 - 1)) == (b"b", tid, None)
+
+
+def test_conflict_error_reply_and_lock_released(make_server):
+    server = make_server()
+    a = connect(server)
+    oid = a.call("new_oids", 1)[0]
+    tid1 = commit(a, oid, z64, b"v1")
+    a.async_call("tpc_begin", 2, b"", b"", {}, None, " ")
+    a.async_call("storea", oid, z64, b"stale", 2)  # written against an old serial
+    with pytest.raises(RemoteError) as e:
+        a.call("vote", 2)
+    name, payload = e.value.args
+    assert name == "ZODB.POSException.ConflictError"
+    assert payload["oid"] == oid and payload["serials"] == (tid1, z64)
+    assert a.call("tpc_abort", 2) is None  # a silent no-op after a failed vote
+    commit(a, oid, tid1, b"v2", txn_id=3)  # the lock was released
+    assert server.server_status("1")["conflicts"] == 1
+
+
+def test_client_conflict_resolution_returns_conflicts(make_server):
+    server = make_server(client_conflict_resolution=True)
+    a = connect(server)
+    oid = a.call("new_oids", 1)[0]
+    tid1 = commit(a, oid, z64, b"v1")
+    a.async_call("tpc_begin", 2, b"", b"", {}, None, " ")
+    a.async_call("storea", oid, z64, b"mine", 2)
+    conflicts = a.call("vote", 2)
+    assert conflicts == [{"oid": oid, "serials": (tid1, z64), "data": b"mine"}]
+    # The client resolves, stores again against the committed serial and votes again.
+    a.async_call("storea", oid, tid1, b"resolved", 2)
+    assert a.call("vote", 2) == []
+    tid2 = a.call("tpc_finish", 2)
+    assert a.call("loadBefore", oid, p64(2**63 - 1)) == (b"resolved", tid2, None)
+
+
+def test_get_invalidations_from_the_queue(make_server):
+    server = make_server(invalidation_queue_size=3)
+    a = connect(server)
+    oids = a.call("new_oids", 5)
+    tids = [commit(a, oid, z64, b"d", txn_id=i) for i, oid in enumerate(oids)]
+    latest, changed = a.call("getInvalidations", tids[2])
+    assert latest == tids[4] and set(changed) == set(oids[3:])
+    assert a.call("getInvalidations", tids[4]) == (tids[4], [])
+    assert a.call("getInvalidations", tids[0]) is None  # older than the queue covers
+
+
+def test_read_only_server(make_server):
+    server = make_server(read_only=True)
+    c = WireClient(server.addr)
+    with pytest.raises(RemoteError) as e:
+        c.call("register", "1", False)
+    assert e.value.class_name == "ZODB.POSException.ReadOnlyError"
+    c.call("register", "1", True)
+    with pytest.raises(RemoteError) as e:
+        c.call("new_oids")
+    assert e.value.class_name == "ZODB.POSException.ReadOnlyError"
+    c.async_call("tpc_begin", 1, b"", b"", {}, None, " ")  # a failing one-way call
+    assert c.is_closed()
+
+
+def test_msgpack_server_and_pickle_client_on_one_server(make_server):
+    server = make_server(msgpack=True)
+    m = connect(server)
+    assert m.greeting == b"M5"
+    z = connect(server, protocol=b"Z5")  # the client's letter decides (zeo-facts §1.2)
+    oid = m.call("new_oids", 1)[0]
+    tid = commit(m, oid, z64, b"both")
+    assert z.read_message() == (0, True, "invalidateTransaction", (tid, [oid]))
+    assert z.call("loadBefore", oid, p64(2**63 - 1)) == (b"both", tid, None)
+
+
+def test_ruok_status(make_server):
+    server = make_server(storages={"1": MappingStorage(), "two": MappingStorage()})
+    with socket.create_connection(server.addr, timeout=10) as s:
+        s.sendall(struct.pack(">I", 4) + b"ruok")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    (n,) = struct.unpack(">I", data[:4])
+    assert data[4 : 4 + n] == b"Z5"
+    status = json.loads(data[8 + n :])
+    assert set(status) == {"1", "two"}
+    assert status["1"]["last-transaction"] == "0" * 16
+
+
+def test_pack_informs_every_client(make_server):
+    server = make_server()
+    a, b = connect(server), connect(server)
+    commit(a, z64, z64, b"root")  # FileStorage packs from the root object
+    b.read_message()  # the invalidation
+    assert a.call("pack", time.time(), True) is None
+    assert any(m[2] == "info" for m in a.oneways)
+    assert b.read_message()[2] == "info"
+
+
+def test_iteration_over_the_wire(make_server):
+    server = make_server()
+    a = connect(server)
+    oid = a.call("new_oids", 1)[0]
+    tid = commit(a, oid, z64, b"rec")
+    iid = a.call("iterator_start", None, None)
+    assert a.call("iterator_next", iid) == (tid, " ", b"user", b"desc", {})
+    riid = a.call("iterator_record_start", iid, tid)
+    assert a.call("iterator_record_next", riid) == (oid, tid, b"rec", None)
+    assert a.call("iterator_record_next", riid) is None
+    assert a.call("iterator_next", iid) is None
+    with pytest.raises(RemoteError) as e:
+        a.call("iterator_next", iid)
+    assert e.value.class_name == "builtins.KeyError"
