@@ -7,11 +7,13 @@ and drives it with raw protocol calls, so the server's exact replies and orderin
 from __future__ import annotations
 
 import json
+import pickle
 import socket
 import struct
 import time
 
 import pytest
+from persistent.mapping import PersistentMapping
 from ZODB.FileStorage import FileStorage
 from ZODB.MappingStorage import MappingStorage
 from ZODB.utils import p64, z64
@@ -217,7 +219,8 @@ def test_ruok_status(make_server):
 def test_pack_informs_every_client(make_server):
     server = make_server()
     a, b = connect(server), connect(server)
-    commit(a, z64, z64, b"root")  # FileStorage packs from the root object
+    root = pickle.dumps((PersistentMapping, None), 3) + pickle.dumps({"data": {}}, 3)
+    commit(a, z64, z64, root)  # FileStorage packs from the root object
     b.read_message()  # the invalidation
     assert a.call("pack", time.time(), True) is None
     assert any(m[2] == "info" for m in a.oneways)
