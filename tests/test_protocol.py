@@ -467,8 +467,6 @@ _LAUGHS = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="reported to lead: _check_message formats repr(msg) of a "
-                   "memo-shared ('billion laughs') pickle, which never finishes")
 def test_billion_laughs_pickle_refused_quickly():
     # A non-message whose repr is exponential: the decoder must refuse it without walking it.
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))

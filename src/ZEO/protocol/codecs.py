@@ -55,8 +55,10 @@ def _unpickler_class(allowed: Iterable[tuple[str, str]]) -> type[_DataUnpickler]
 
 
 def _check_message(msg: Any) -> Message:
+    # Never format peer data here: its repr may be huge.
     if type(msg) is not tuple or len(msg) != 4 or type(msg[2]) is not str:
-        raise RemoteProtocolError(f"not a (msgid, flags, name, args) message: {msg!r:.200}")
+        kind = f"tuple of {len(msg)}" if type(msg) is tuple else type(msg).__name__
+        raise RemoteProtocolError(f"not a (msgid, flags, name, args) message: {kind}")
     return msg
 
 
@@ -78,11 +80,16 @@ class PickleCodec:
 
     def decode(self, payload: bytes) -> Message:
         try:
-            msg = self._unpickler(io.BytesIO(payload)).load()
+            unpickler = self._unpickler(io.BytesIO(payload))
+            msg = unpickler.load()
         except RemoteProtocolError:
             raise
         except Exception as e:  # any malformed pickle is the peer's fault
-            raise RemoteProtocolError(f"undecodable pickle message: {e!r:.200}") from e
+            raise RemoteProtocolError(f"undecodable pickle message: {type(e).__name__}") from e
+        if unpickler.memo.copy():
+            # ZEO writes messages without a memo. A memo lets a small pickle describe a
+            # structure whose walk (repr, re-encoding) is exponential: refuse it.
+            raise RemoteProtocolError("pickle message uses the memo (shared references)")
         return _check_message(msg)
 
 
@@ -118,7 +125,7 @@ class MsgpackCodec:
         try:
             msg = msgpack.unpackb(payload, raw=False, use_list=False)
         except Exception as e:
-            raise RemoteProtocolError(f"undecodable msgpack message: {e!r:.200}") from e
+            raise RemoteProtocolError(f"undecodable msgpack message: {type(e).__name__}") from e
         return _check_message(msg)
 
 
