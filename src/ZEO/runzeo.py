@@ -30,6 +30,8 @@ EXIT_OK = 0
 EXIT_RESTART = 1
 EXIT_USAGE = 2
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+
 
 class UsageError(Exception):
     """Bad options or configuration: runzeo prints the message and exits with status 2."""
@@ -369,6 +371,7 @@ class ZEOServer:
         self._pid_written = False
         self._closed = threading.Event()
         self._close_lock = threading.Lock()
+        self._early_signals: list[int] = []
 
     def open(self) -> None:
         o = self.options
@@ -455,12 +458,21 @@ class ZEOServer:
         # close() waits for the loop; never block the loop itself.
         threading.Thread(target=self.close, name="runzeo shutdown", daemon=True).start()
 
-    def install_signal_handlers(self) -> None:
-        loop = self.server.event_loop
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
-            loop.add_signal_handler(signum, self._on_signal, signum)
+    def catch_early_signals(self) -> None:
+        """Hold signals that arrive before the loop runs (during startup, the socket may
+        already accept connections); serve() handles them once the loop runs."""
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, lambda signum, frame: self._early_signals.append(signum))
         if hasattr(signal, "SIGXFSZ"):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def install_signal_handlers(self) -> None:
+        loop = self.server.event_loop
+        for signum in HANDLED_SIGNALS:
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        for signum in self._early_signals:
+            loop.call_soon(self._on_signal, signum)
+        self._early_signals.clear()
 
     def serve(self) -> int:
         """Run the server until close() (or a signal); return the exit status."""
@@ -508,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
         options = parse_options(argv)
         configure_logging(options)
         zeo = ZEOServer(options)
+        zeo.catch_early_signals()
         zeo.open()
     except UsageError as e:
         print(f"runzeo: error: {e}", file=sys.stderr)
