@@ -1,4 +1,4 @@
-"""Unit tests of the in-memory ClientCache (``path=None``) and ``cache_path``."""
+"""Unit tests of the ClientCache API (in memory and persistent), LRU eviction, ``cache_path``."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ def p64(n: int) -> bytes:
 OID = p64(1)
 
 
-@pytest.fixture
-def cache():
-    c = ClientCache(size=1 << 20)
+@pytest.fixture(params=["memory", "file"])
+def cache(request, tmp_path):
+    """The API tests run on both the in-memory and the persistent cache."""
+    path = None if request.param == "memory" else str(tmp_path / "c.zec")
+    c = ClientCache(path, size=1 << 20)
     yield c
     c.close()
 
@@ -30,7 +32,12 @@ def test_store_load_current(cache):
     assert cache.load(OID) == (b"five", p64(5))
     assert len(cache) == 1
     assert list(cache.contents()) == [(OID, p64(5))]
-    assert cache.path is None and cache.maxsize == 1 << 20
+    assert cache.maxsize == 1 << 20
+
+
+def test_memory_cache_has_no_path():
+    c = ClientCache(size=1000)
+    assert c.path is None and c.maxsize == 1000
 
 
 def test_load_before(cache):
@@ -163,7 +170,8 @@ def test_eviction_of_noncurrent_keeps_lists_sorted():
     assert c.loadBefore(OID, p64(5)) == (bytes(10), p64(4), p64(5))
 
 
-def test_statistics_counts(cache):
+def test_statistics_counts():
+    cache = ClientCache(size=1 << 20)
     cache.load(OID)
     cache.store(OID, p64(5), None, b"five")
     cache.load(OID)
