@@ -1,0 +1,667 @@
+"""Benchmark our ZEO against the real ZEO 6.2, side by side, on this machine.
+
+    python3 benchmarks/run.py [--rounds N] [--quick] [--only WORKLOAD ...] [--json out.json]
+
+Each round starts both servers fresh (``runzeo -C zeo.conf``, FileStorage with its default
+fsync, plus a ``<blobstorage>`` for the blob workload) in a temporary directory, then runs every
+workload against each side in turn: ``ours, ref`` in even rounds, ``ref, ours`` in odd ones.  The
+workloads (``workloads.py``) run in separate client processes: under this python with our ``ZEO``
+from ``src/`` for our side, under the reference venv's python with the real ZEO for the other.
+The table shows, per metric, the median over rounds of each side and of the per-round ratio
+ours/ref; the JSON file holds every round's raw results.
+
+``--self-test`` runs the reference on both sides (a check of the harness and of its noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORKLOADS_PY = HERE / "workloads.py"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _refzeo():
+    """tests/support/refzeo.py, loaded by path (it builds and finds the reference venv)."""
+    spec = importlib.util.spec_from_file_location(
+        "_zeo_bench_refzeo", REPO / "tests" / "support" / "refzeo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------- sides and servers
+
+
+@dataclass
+class Side:
+    """One implementation under test: how to start its server and run its client workloads."""
+
+    name: str
+    python: str
+    server_cmd: list[str]
+    env: dict[str, str]
+
+    def run_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        env.update(self.env)
+        return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def storage_conf(directory: Path, with_blobs: bool) -> str:
+    conf = f"<filestorage 1>\n  path {directory / 'Data.fs'}\n</filestorage>\n"
+    if with_blobs:
+        conf += (f"<blobstorage blob>\n  blob-dir {directory / 'blobs'}\n"
+                 f"  <filestorage>\n    path {directory / 'Blobs.fs'}\n  </filestorage>\n"
+                 "</blobstorage>\n")
+    return conf
+
+
+class Server:
+    """A ``runzeo -C`` process on 127.0.0.1, with /proc readings of its CPU time and memory."""
+
+    def __init__(self, side: Side, directory: Path, with_blobs: bool = True) -> None:
+        self.side = side
+        self.directory = directory
+        self.with_blobs = with_blobs
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = directory / "zeo.conf"
+        self.conf.write_text(f"<zeo>\n  address 127.0.0.1:{self.port}\n</zeo>\n"
+                             + storage_conf(directory, with_blobs))
+        self.log_path = directory / "server.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [*side.server_cmd, "-C", str(self.conf)], stdout=self._log,
+            stderr=subprocess.STDOUT, env=side.run_env(), cwd=directory)
+        try:
+            self._wait_listening(60)
+        except Exception:
+            self.stop()
+            raise
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.side.name} server exited with {self.proc.returncode}: "
+                                   f"{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.side.name} server not listening after {timeout}s")
+                time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the server process (all its threads)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def memory_mib(self) -> dict[str, float]:
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(rest.split()[0]) / 1024
+        return out
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:  # ZEO 6.2 now and then ignores SIGTERM
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+class WorkerError(Exception):
+    pass
+
+
+class Worker:
+    """One ``workloads.py`` client process speaking the READY / GO / RESULT line protocol."""
+
+    def __init__(self, side: Side, workload: str, addr: str, data_dir: Path,
+                 params: dict[str, Any], index: int, nprocs: int, log_path: Path) -> None:
+        self.label = f"{side.name}:{workload}[{index}]"
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [side.python, str(WORKLOADS_PY), workload, "--addr", addr,
+             "--data-dir", str(data_dir), "--params", json.dumps(params),
+             "--index", str(index), "--nprocs", str(nprocs)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            env=side.run_env(), cwd=data_dir)
+        self._buf = b""
+
+    def read_line(self, deadline: float) -> str:
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerError(f"{self.label}: timed out")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise WorkerError(f"{self.label}: exited ({self.proc.wait()}) "
+                                      f"{self.stderr_tail()}")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def expect(self, word: str, deadline: float) -> str:
+        while True:
+            line = self.read_line(deadline)
+            if line.startswith("ERROR "):
+                err = json.loads(line[6:])
+                raise WorkerError(f"{self.label}: {err['error']}\n{err['traceback']}")
+            if line == word or line.startswith(word + " "):
+                return line[len(word) + 1:]
+
+    def go(self, start: float, deadline: float) -> None:
+        self.proc.stdin.write(f"GO {start} {deadline}\n".encode())
+        self.proc.stdin.flush()
+
+    def stderr_tail(self, n: int = 1500) -> str:
+        self._log.flush()
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self._log.close()
+
+
+def run_group(side: Side, workload: str, server: Server, data_dir: Path, params: dict[str, Any],
+              nprocs: int, duration: float, timeout: float, log_dir: Path,
+              ) -> tuple[list[dict[str, Any]], float]:
+    """Run ``nprocs`` workers together; return their results and the server CPU seconds used."""
+    workers: list[Worker] = []
+    try:
+        for i in range(nprocs):
+            workers.append(Worker(side, workload, server.addr, data_dir, params, i, nprocs,
+                                  log_dir / f"{side.name}-{workload}-{i}.log"))
+        setup_deadline = time.monotonic() + 120
+        for w in workers:
+            w.expect("READY", setup_deadline)
+        cpu0 = server.cpu_seconds()
+        start = time.time() + 0.2
+        for w in workers:
+            w.go(start, start + duration)
+        result_deadline = time.monotonic() + 0.2 + timeout
+        results = [json.loads(w.expect("RESULT", result_deadline)) for w in workers]
+        cpu = server.cpu_seconds() - cpu0
+        for w in workers:
+            w.proc.wait(30)
+        return results, cpu
+    finally:
+        for w in workers:
+            w.close()
+
+
+# --------------------------------------------------------------------------- workloads and metrics
+
+
+@dataclass
+class Metric:
+    name: str
+    unit: str
+    higher_is_better: bool
+    target: float | None = None  # on the ratio ours/ref
+
+    def met(self, ratio: float | None) -> str:
+        if self.target is None or ratio is None:
+            return ""
+        ok = ratio >= self.target if self.higher_is_better else ratio <= self.target
+        return "yes" if ok else "NO"
+
+    def target_text(self) -> str:
+        if self.target is None:
+            return ""
+        return (">=" if self.higher_is_better else "<=") + f"{self.target:g}x"
+
+
+@dataclass
+class Workload:
+    name: str
+    worker: str
+    nprocs: int
+    params: Callable[[argparse.Namespace], dict[str, Any]]
+    duration: Callable[[argparse.Namespace], float]
+    extract: Callable[[list[dict[str, Any]]], dict[str, float]]
+    metrics: list[Metric]
+    cpu_unit: str  # what one "op" of the server CPU metric is
+    cpu_ops: Callable[[list[dict[str, Any]]], float] = field(
+        default=lambda rs: sum(r["ops"] for r in rs))
+    needs_data: bool = True
+    timeout: float = 120.0
+
+
+def _sum(rs: list[dict[str, Any]], key: str) -> float:
+    return sum(r[key] for r in rs)
+
+
+def _sizes(a: argparse.Namespace) -> dict[str, Any]:
+    if a.quick:
+        return {"objects": 5000, "pings": 1500, "record_txns": 3, "blobs": 2,
+                "conns_per_proc": 50}
+    return {"objects": 20000, "pings": 5000, "record_txns": 10, "blobs": 5,
+            "conns_per_proc": 50}
+
+
+def _dur(a: argparse.Namespace) -> float:
+    return 1.0 if a.quick else 3.0
+
+
+def _probe(rs):
+    return next(r for r in rs if r.get("role") == "probe")
+
+
+def _writers(rs):
+    return [r for r in rs if r.get("role") == "writer"]
+
+
+WORKLOADS: list[Workload] = [
+    Workload(
+        "ping", "ping", 1, _sizes, lambda a: 0,
+        lambda rs: {"ping_p50_us": rs[0]["ping_p50_us"], "ping_p99_us": rs[0]["ping_p99_us"]},
+        [Metric("ping_p50_us", "us", False, 0.65), Metric("ping_p99_us", "us", False)],
+        "ping", needs_data=False),
+    Workload(
+        "bulk_add", "bulk_add", 1, _sizes, lambda a: 0,
+        lambda rs: {"bulk_add_objs_s": rs[0]["objs_per_s"]},
+        [Metric("bulk_add_objs_s", "obj/s", True)], "object"),
+    Workload(
+        "cold_load", "cold_load", 1, _sizes, lambda a: 0,
+        lambda rs: {"cold_load_objs_s": rs[0]["objs_per_s"]},
+        [Metric("cold_load_objs_s", "obj/s", True, 2.0)], "load"),
+    Workload(
+        "cold_traversal", "cold_traversal", 1, _sizes, lambda a: 0,
+        lambda rs: {"cold_traversal_objs_s": rs[0]["objs_per_s"]},
+        [Metric("cold_traversal_objs_s", "obj/s", True, 3.0)], "object"),
+    Workload(
+        "commit_1", "commit", 1, _sizes, _dur,
+        lambda rs: {"commit_1_txn_s": _sum(rs, "txn_per_s")},
+        [Metric("commit_1_txn_s", "txn/s", True, 1.5)], "txn"),
+    Workload(
+        "commit_4", "commit", 4, _sizes, _dur,
+        lambda rs: {"commit_4_txn_s": _sum(rs, "txn_per_s")},
+        [Metric("commit_4_txn_s", "txn/s", True, 2.0)], "txn"),
+    Workload(
+        "mix_90_10", "mix", 4, _sizes, _dur,
+        lambda rs: {"mix_ops_s": _sum(rs, "ops_per_s")},
+        [Metric("mix_ops_s", "txn/s", True, 1.5)], "txn"),
+    Workload(
+        "load_under_commit", "load_under_commit", 4, _sizes,
+        lambda a: 1.5 if a.quick else 5.0,
+        lambda rs: {"luc_load_p50_us": _probe(rs)["load_p50_us"],
+                    "luc_load_p99_us": _probe(rs)["load_p99_us"],
+                    "luc_writer_mb_s": _sum(_writers(rs), "mb_per_s")},
+        [Metric("luc_load_p50_us", "us", False), Metric("luc_load_p99_us", "us", False, 0.5),
+         Metric("luc_writer_mb_s", "MiB/s", True)],
+        "MiB written", cpu_ops=lambda rs: sum(
+            r["mb_per_s"] * r["elapsed"] for r in _writers(rs))),
+    Workload(
+        "records_1mib", "records", 1, _sizes, lambda a: 0,
+        lambda rs: {"rec1m_write_mb_s": rs[0]["write_mb_per_s"],
+                    "rec1m_read_mb_s": rs[0]["read_mb_per_s"]},
+        [Metric("rec1m_write_mb_s", "MiB/s", True, 5.0),
+         Metric("rec1m_read_mb_s", "MiB/s", True, 1.2)],
+        "MiB", cpu_ops=lambda rs: rs[0]["mib"] * 2),
+    Workload(
+        "blobs_10mib", "blobs", 1, _sizes, lambda a: 0,
+        lambda rs: {"blob10m_write_mb_s": rs[0]["write_mb_per_s"],
+                    "blob10m_read_mb_s": rs[0]["read_mb_per_s"]},
+        [Metric("blob10m_write_mb_s", "MiB/s", True, 1.2),
+         Metric("blob10m_read_mb_s", "MiB/s", True, 1.2)],
+        "MiB", cpu_ops=lambda rs: rs[0]["mib"] * 2, needs_data=False),
+    Workload(
+        "connections_100", "connections", 2, _sizes, _dur,
+        lambda rs: {"conn100_connect_ms": statistics.median(r["connect_p50_ms"] for r in rs),
+                    "conn100_all_connected_s": max(r["all_connected_s"] for r in rs),
+                    "conn100_pings_s": _sum(rs, "pings_per_s"),
+                    "conn100_ping_p99_us": max(r["ping_p99_us"] for r in rs)},
+        [Metric("conn100_connect_ms", "ms", False), Metric("conn100_all_connected_s", "s", False),
+         Metric("conn100_pings_s", "ping/s", True), Metric("conn100_ping_p99_us", "us", False)],
+        "op", needs_data=False),
+]
+BY_NAME = {w.name: w for w in WORKLOADS}
+MEMORY_METRICS = [Metric("server_rss_mib", "MiB", False, 1.0),
+                  Metric("server_hwm_mib", "MiB", False, 1.0)]
+
+
+def cpu_metric(w: Workload) -> Metric:
+    return Metric(f"cpu_{w.name}", f"us/{w.cpu_unit}", False)
+
+
+def all_metrics(selected: list[Workload]) -> list[Metric]:
+    out = [m for w in selected for m in w.metrics]
+    out += MEMORY_METRICS
+    out += [cpu_metric(w) for w in selected]
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine spent busy (all processes), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK  # minus idle and iowait
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this runner plus its waited-for children (servers and workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_side_workload(side: Side, server: Server, w: Workload, a: argparse.Namespace,
+                      data_dir: Path, log_dir: Path) -> dict[str, Any]:
+    """One workload against one side; never raises (errors become the ``error`` entry)."""
+    t0 = time.monotonic()
+    params = w.params(a)
+    try:
+        if not server.alive():
+            raise WorkerError(f"server is not running: {server.log_tail(500)}")
+        results, cpu = run_group(side, w.worker, server, data_dir, params, w.nprocs,
+                                 w.duration(a), w.timeout, log_dir)
+        metrics = w.extract(results)
+        ops = w.cpu_ops(results)
+        metrics[cpu_metric(w).name] = cpu / ops * 1e6 if ops else None
+        out = {"metrics": metrics, "raw": results, "server_cpu_s": cpu}
+        log(f"  {side.name:5} {w.name:18} {time.monotonic() - t0:5.1f}s  "
+            + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None))
+    except Exception as e:
+        out = {"metrics": {}, "error": str(e)}
+        log(f"  {side.name:5} {w.name:18} FAILED: {str(e).splitlines()[0][:200]}")
+    return out
+
+
+def start_server(side: Side, directory: Path) -> Server:
+    try:
+        return Server(side, directory, with_blobs=True)
+    except Exception as e:
+        log(f"  {side.name}: server failed with a blob storage ({e}); retrying without one")
+        return Server(side, directory / "noblobs", with_blobs=False)
+
+
+def run_round(r: int, sides: list[Side], selected: list[Workload], a: argparse.Namespace,
+              tmp: Path) -> dict[str, Any]:
+    order = sides if r % 2 == 0 else sides[::-1]
+    log(f"round {r + 1}: order {' -> '.join(s.name for s in order)}")
+    busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
+    servers: dict[str, Server] = {}
+    out: dict[str, Any] = {"round": r + 1, "order": [s.name for s in order],
+                           "sides": {s.name: {"workloads": {}, "metrics": {}} for s in sides}}
+    try:
+        for s in order:
+            d = tmp / f"round{r + 1}" / s.name
+            servers[s.name] = start_server(s, d / "server")
+            (d / "client").mkdir(parents=True, exist_ok=True)
+        for w in selected:
+            for s in order:
+                server = servers[s.name]
+                client_dir = tmp / f"round{r + 1}" / s.name / "client"
+                if not server.alive():  # a crash must not sink the rest of the round
+                    log(f"  {s.name}: server died, restarting it: {server.log_tail(300)}")
+                    server.stop()
+                    server = servers[s.name] = start_server(s, server.directory)
+                res = run_side_workload(s, server, w, a, client_dir, client_dir)
+                side_out = out["sides"][s.name]
+                side_out["workloads"][w.name] = res
+                side_out["metrics"].update(res["metrics"])
+        for s in order:
+            server = servers[s.name]
+            if server.alive():
+                mem = server.memory_mib()
+                out["sides"][s.name]["metrics"].update(
+                    {"server_rss_mib": mem.get("VmRSS"), "server_hwm_mib": mem.get("VmHWM")})
+    finally:
+        for server in servers.values():
+            server.stop()
+    # Other processes' CPU during the round, as a share of the machine: they skew every number.
+    foreign = (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0)
+    out["foreign_cpu_share"] = max(0.0, foreign) / ((time.monotonic() - wall0) * os.cpu_count())
+    log(f"  other processes used {out['foreign_cpu_share']:.0%} of the machine's CPU")
+    ratios = {}
+    a_m, b_m = (out["sides"][s.name]["metrics"] for s in sides)
+    for k, v in a_m.items():
+        if v is not None and b_m.get(k):
+            ratios[k] = v / b_m[k]
+    out["ratios"] = ratios
+    return out
+
+
+def summarise(rounds: list[dict[str, Any]], sides: list[Side],
+              metrics: list[Metric]) -> dict[str, Any]:
+    summary = {}
+    for m in metrics:
+        vals = {s.name: [rd["sides"][s.name]["metrics"].get(m.name) for rd in rounds]
+                for s in sides}
+        ratios = [rd["ratios"].get(m.name) for rd in rounds]
+        good = [x for x in ratios if x is not None]
+        med = statistics.median(good) if good else None
+        entry = {"unit": m.unit, "higher_is_better": m.higher_is_better, "target": m.target,
+                 "ratios": ratios, "ratio_median": med, "met": m.met(med)}
+        for s in sides:
+            v = [x for x in vals[s.name] if x is not None]
+            entry[f"{s.name}_median"] = statistics.median(v) if v else None
+            entry[f"{s.name}_values"] = vals[s.name]
+        summary[m.name] = entry
+    return summary
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def table(summary: dict[str, Any], sides: list[Side]) -> str:
+    a, b = sides[0].name, sides[1].name
+    head = ["metric", "unit", f"{a} (median)", f"{b} (median)", "ratio per round",
+            f"ratio {a}/{b}", "target", "met"]
+    rows = [head]
+    for name, e in summary.items():
+        rows.append([name, e["unit"], fmt(e[f"{a}_median"]), fmt(e[f"{b}_median"]),
+                     " ".join(f"{x:.2f}" if x is not None else "n/a" for x in e["ratios"]),
+                     f"{e['ratio_median']:.2f}x" if e["ratio_median"] is not None else "n/a",
+                     (">=" if e["higher_is_better"] else "<=") + f"{e['target']:g}x"
+                     if e["target"] is not None else "", e["met"]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine(infos: dict[str, Any]) -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
+            "runner_python": platform.python_version(), "sides": infos}
+
+
+def info(side: Side, tmp: Path) -> dict[str, Any]:
+    """Versions seen by a side's client interpreter (runs the ``info`` workload, no server)."""
+    d = tmp / f"info-{side.name}"
+    d.mkdir(parents=True, exist_ok=True)
+    w = Worker(side, "info", "127.0.0.1:0", d, {}, 0, 1, d / "info.log")
+    try:
+        w.expect("READY", time.monotonic() + 60)
+        w.go(time.time(), time.time())
+        return json.loads(w.expect("RESULT", time.monotonic() + 60))
+    finally:
+        w.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds (default 5, or 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes and 1 s phases (~1 min)")
+    p.add_argument("--only", nargs="+", choices=list(BY_NAME), metavar="WORKLOAD",
+                   help="run only these workloads (bulk_add is added when one needs its data): "
+                   + ", ".join(BY_NAME))
+    p.add_argument("--json", type=Path, default=None,
+                   help="write results here (default benchmarks/results/<timestamp>.json)")
+    p.add_argument("--self-test", action="store_true",
+                   help="run the reference ZEO on both sides (checks the harness and its noise)")
+    p.add_argument("--ours-python", default=sys.executable,
+                   help="interpreter for our client workloads (default: this one, with src/)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    a = p.parse_args(argv)
+    rounds = a.rounds if a.rounds is not None else (1 if a.quick else 5)
+
+    ref_python = str(_refzeo().ref_python())
+    ref_runzeo = str(Path(ref_python).parent / "runzeo")
+    ref = Side("ref", ref_python, [ref_runzeo], {})
+    if a.self_test:
+        ours = Side("ref2", ref_python, [ref_runzeo], {})
+    else:
+        src = str(REPO / "src")
+        ours = Side("ours", a.ours_python, [a.ours_python, "-m", "ZEO.runzeo"],
+                    {"PYTHONPATH": src})
+    sides = [ours, ref]
+
+    if a.only:
+        names = set(a.only)
+        if any(BY_NAME[n].needs_data for n in names):
+            names.add("bulk_add")
+        selected = [w for w in WORKLOADS if w.name in names]
+    else:
+        selected = list(WORKLOADS)
+
+    tmp = Path(tempfile.mkdtemp(prefix="zeo-bench-"))
+    started = datetime.datetime.now()
+    try:
+        infos = {s.name: info(s, tmp) for s in sides}
+        for s in sides:
+            i = infos[s.name]
+            log(f"{s.name}: python {i['python']}, ZEO {i['zeo_version']} ({i['zeo_file']}), "
+                f"ZODB {i['zodb_version']}, uvloop {i['uvloop']}")
+        results = []
+        t0 = time.monotonic()
+        for r in range(rounds):
+            results.append(run_round(r, sides, selected, a, tmp))
+            log(f"round {r + 1} done, {time.monotonic() - t0:.0f}s elapsed")
+        metrics = all_metrics(selected)
+        summary = summarise(results, sides, metrics)
+        mach = machine(infos)
+        doc = {"started": started.isoformat(timespec="seconds"),
+               "elapsed_s": time.monotonic() - t0, "argv": sys.argv[1:], "rounds": rounds,
+               "quick": a.quick, "self_test": a.self_test, "machine": mach,
+               "summary": summary, "results": results}
+        out = a.json or HERE / "results" / f"{started:%Y%m%d-%H%M%S}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1))
+        i_a, i_b = infos[sides[0].name], infos[sides[1].name]
+        print(f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['platform']}")
+        print(f"{sides[0].name}: python {i_a['python']}, ZEO {i_a['zeo_version']}, "
+              f"uvloop {i_a['uvloop']}; {sides[1].name}: python {i_b['python']}, "
+              f"ZEO {i_b['zeo_version']}, uvloop {i_b['uvloop']}")
+        foreign = [rd["foreign_cpu_share"] for rd in results]
+        print("CPU used by other processes during the rounds: "
+              + " ".join(f"{x:.0%}" for x in foreign)
+              + ("  (WARNING: the machine was not idle; numbers are noisy)"
+                 if max(foreign) > 0.1 else ""))
+        print(f"{rounds} interleaved round(s){' (quick)' if a.quick else ''}, "
+              f"{doc['elapsed_s']:.0f}s; ratio = {sides[0].name}/{sides[1].name} of the metric "
+              "(us, ms, s and MiB: lower is better; /s: higher is better)")
+        print(table(summary, sides))
+        print(f"JSON: {out}")
+        failed = [(rd["round"], s, wn, res["error"].splitlines()[0][:160])
+                  for rd in results for s, so in rd["sides"].items()
+                  for wn, res in so["workloads"].items() if "error" in res]
+        for rnd, s, wn, err in failed:
+            print(f"n/a: round {rnd} {s} {wn}: {err}")
+    finally:
+        if a.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
