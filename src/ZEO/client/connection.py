@@ -1,0 +1,336 @@
+"""One client connection: a blocking socket, one reader thread, callers that write themselves.
+
+Threading contract (docs/design.rst, "Threading and ordering (client)"):
+
+* A caller encodes its frame and writes it under ``_send_lock``; a two-way call registers a
+  :class:`Call` in the pending table first and then waits on it.
+* The reader thread decodes every incoming frame in arrival order.  For a reply it runs the
+  call's ``on_reply`` hook (cache work, ZODB callbacks) *before* waking the waiters; for a
+  server call it calls ``handler.server_call(name, args)``.  So whatever the hooks and the
+  handler do happens in exactly the server's order.
+* When the connection ends, every pending call fails at once with ``ClientDisconnected`` and
+  ``handler.connection_lost(connection)`` runs (once), on the reader thread.
+
+The byte transport is a small object with ``sendall``, ``recv`` and ``close`` so that a TLS
+transport (``ssl.MemoryBIO`` pumping) can replace the plain socket later.
+"""
+
+from __future__ import annotations
+
+import _thread
+import itertools
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ZEO.Exceptions import ClientDisconnected, ProtocolError
+from ZEO.protocol import (
+    ClientConnection,
+    Greeting,
+    ProtocolViolation,
+    payload_to_exception,
+)
+from ZEO.protocol.messages import REPLY
+
+logger = logging.getLogger("ZEO.client")
+
+RECV_SIZE = 1 << 18
+
+
+class Transport(Protocol):
+    """The byte stream a :class:`Connection` runs over."""
+
+    def sendall(self, data: bytes) -> None: ...
+
+    def recv(self, n: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class SocketTransport:
+    """A plain TCP or Unix socket.  ``recv`` and ``sendall`` may run on two threads at once."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, n: int) -> bytes:
+        return self.sock.recv(n)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def open_transport(addr: Any, timeout: float, ssl_context: Any = None,
+                   server_hostname: str | None = None) -> tuple[Transport, Any]:
+    """Connect to ``addr``; return ``(transport, peer address)``.  Raises ``OSError``."""
+    if ssl_context is not None:
+        raise NotImplementedError(
+            "TLS is not implemented in the zeo-ng client yet (ssl= was given)")
+    if isinstance(addr, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+        except BaseException:
+            sock.close()
+            raise
+        peer = addr
+    else:
+        sock = socket.create_connection(addr, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = sock.getpeername()[:2]
+    sock.settimeout(None)
+    return SocketTransport(sock), peer
+
+
+class Call:
+    """One pending two-way call.  Several waiters may share it (request collapsing)."""
+
+    __slots__ = ("msgid", "name", "on_reply", "_lock", "_done", "value", "exc")
+
+    def __init__(self, msgid: Any, name: str,
+                 on_reply: Callable[[Any], Any] | None = None) -> None:
+        self.msgid = msgid
+        self.name = name
+        self.on_reply = on_reply
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        self._done = False
+        self.value: Any = None
+        self.exc: BaseException | None = None
+
+    def _finish(self, value: Any = None, exc: BaseException | None = None) -> None:
+        if self._done:
+            return
+        self.value = value
+        self.exc = exc
+        self._done = True
+        self._lock.release()
+
+    def done(self) -> bool:
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """The reply value; raise the error reply or ``ClientDisconnected``."""
+        if not self._done:
+            if not self._lock.acquire(True, -1 if timeout is None else timeout):
+                raise ClientDisconnected(f"timed out waiting for the reply to {self.name}")
+            self._lock.release()  # let the other waiters of a collapsed call through
+        if self.exc is not None:
+            raise self.exc
+        return self.value
+
+
+class Handler(Protocol):
+    """What a :class:`Connection` reports to (the client storage)."""
+
+    def server_call(self, connection: Connection, name: str, args: tuple) -> None: ...
+
+    def connection_lost(self, connection: Connection) -> None: ...
+
+
+class Connection:
+    """A handshaken connection to a ZEO server.  Build it with :meth:`open`."""
+
+    def __init__(self, transport: Transport, protocol: ClientConnection, peer: Any,
+                 handler: Handler, name: str = "") -> None:
+        self.transport = transport
+        self.protocol = protocol
+        self.peer = peer
+        self.handler = handler
+        self.protocol_version: bytes = protocol.protocol or b""
+        self._send_lock = threading.Lock()
+        # Never held while doing I/O: the reader takes it, and must never wait for a writer.
+        self._pending_lock = threading.Lock()
+        self._pending: dict[Any, Call] = {}
+        self._msgids = itertools.count(1)
+        self.closed = False
+        self._lost_reported = False
+        self._backlog: list = []
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"{name} zeo client reader", daemon=True)
+
+    @classmethod
+    def open(cls, addr: Any, handler: Handler, *, timeout: float = 10.0, name: str = "",
+             ssl_context: Any = None, server_hostname: str | None = None,
+             max_message_size: int | None = None) -> Connection:
+        """Connect and do the handshake; the reader thread is running on return."""
+        transport, peer = open_transport(addr, timeout, ssl_context, server_hostname)
+        try:
+            protocol = (ClientConnection(max_message_size) if max_message_size
+                        else ClientConnection())
+            backlog: list = []
+            greeted = False
+            if isinstance(transport, SocketTransport):
+                transport.sock.settimeout(timeout)
+            while not greeted:
+                data = transport.recv(RECV_SIZE)
+                if not data:
+                    raise ConnectionError(f"{addr!r} closed the connection before the greeting")
+                for event in protocol.receive_data(data):
+                    if isinstance(event, Greeting):
+                        greeted = True
+                    else:
+                        backlog.append(event)
+            if isinstance(transport, SocketTransport):
+                transport.sock.settimeout(None)
+            assert protocol.handshake_reply is not None
+            transport.sendall(protocol.handshake_reply)
+        except ProtocolViolation as e:
+            transport.close()
+            raise ProtocolError(str(e)) from e
+        except BaseException:
+            transport.close()
+            raise
+        conn = cls(transport, protocol, peer, handler, name)
+        conn._backlog = backlog
+        conn._reader.start()
+        return conn
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def call(self, name: str, *args: Any, on_reply: Callable[[Any], Any] | None = None,
+             msgid: Any = None) -> Call:
+        """Send a two-way call and return its :class:`Call` (not waited for).
+
+        With an explicit ``msgid`` (``loadBefore``'s ``(oid, tid)``), an identical call still
+        pending is shared instead of sent again.
+        """
+        with self._send_lock:
+            if self.closed:
+                raise ClientDisconnected(f"connection to {self.peer!r} is closed")
+            if msgid is None:
+                msgid = next(self._msgids)
+            with self._pending_lock:
+                if self.closed:
+                    raise ClientDisconnected(f"connection to {self.peer!r} is closed")
+                existing = self._pending.get(msgid)
+                if existing is not None:
+                    return existing
+                call = Call(msgid, name, on_reply)
+                self._pending[msgid] = call
+            try:
+                self.transport.sendall(self.protocol.send_call(msgid, name, args))
+            except OSError as e:
+                with self._pending_lock:
+                    self._pending.pop(msgid, None)
+                raise ClientDisconnected(f"{name}: {e}") from e
+        return call
+
+    def call_sync(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        return self.call(name, *args).wait(timeout)
+
+    def call_oneway(self, name: str, *args: Any) -> None:
+        frame = self.protocol.send_call(0, name, args, oneway=True)
+        with self._send_lock:
+            if self.closed:
+                raise ClientDisconnected(f"connection to {self.peer!r} is closed")
+            try:
+                self.transport.sendall(frame)
+            except OSError as e:
+                raise ClientDisconnected(f"{name}: {e}") from e
+
+    def heartbeat(self) -> None:
+        frame = self.protocol.send_heartbeat()
+        with self._send_lock:
+            if self.closed:
+                return
+            try:
+                self.transport.sendall(frame)
+            except OSError:
+                pass  # the reader notices the dead socket
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the socket and fail every pending call; the reader thread then ends."""
+        self._mark_closed()
+        self.transport.close()
+
+    def _mark_closed(self) -> list[Call]:
+        with self._pending_lock:
+            self.closed = True
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for call in pending:
+            call._finish(exc=ClientDisconnected(f"connection to {self.peer!r} lost"))
+        return pending
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._reader is not threading.current_thread() and self._reader.is_alive():
+            self._reader.join(timeout)
+
+    # -- reading (reader thread) ------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            for msg in self._backlog:
+                self._dispatch(msg)
+            self._backlog = []
+            recv = self.transport.recv
+            receive = self.protocol.receive_data
+            while not self.closed:
+                data = recv(RECV_SIZE)
+                if not data:
+                    break
+                for msg in receive(data):
+                    self._dispatch(msg)
+        except ProtocolViolation as e:
+            logger.error("protocol error from %r, closing: %s", self.peer, e)
+        except OSError as e:
+            if not self.closed:
+                logger.info("connection to %r lost: %s", self.peer, e)
+        except Exception:
+            logger.exception("client reader for %r failed", self.peer)
+        finally:
+            self._mark_closed()
+            try:
+                self.transport.close()
+            except OSError:
+                pass
+            if not self._lost_reported:
+                self._lost_reported = True
+                try:
+                    self.handler.connection_lost(self)
+                except Exception:
+                    logger.exception("connection_lost handler failed")
+
+    def _dispatch(self, msg: tuple) -> None:
+        msgid, flags, name, args = msg
+        if name == REPLY:
+            with self._pending_lock:
+                call = self._pending.pop(msgid, None)
+            if call is None:
+                logger.warning("reply to unknown msgid %r from %r", msgid, self.peer)
+                return
+            if flags:
+                try:
+                    exc = payload_to_exception(*args)
+                except Exception as e:  # malformed error payload: still fail the call
+                    exc = e
+                call._finish(exc=exc)
+                return
+            value = args
+            if call.on_reply is not None:
+                try:
+                    value = call.on_reply(args)
+                except BaseException as e:
+                    call._finish(exc=e)
+                    return
+            call._finish(value)
+            return
+        if not flags:
+            raise ProtocolError(f"server sent a two-way call {name!r}")
+        try:
+            self.handler.server_call(self, name, args)
+        except Exception:
+            logger.exception("handling server call %r failed", name)

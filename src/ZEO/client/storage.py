@@ -1,0 +1,647 @@
+"""``ClientStorage``: a ZODB storage served by a ZEO server.
+
+Threads (docs/design.rst): API callers write their frames themselves and wait; the
+connection's reader thread does all cache work in the server's order (load results,
+invalidations, ``tpc_finish``); the :class:`~ZEO.client.manager.ConnectionManager` thread
+connects, registers, verifies the cache and reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import ZODB.BaseStorage
+import ZODB.interfaces
+import zope.interface
+from ZODB.ConflictResolution import ConflictResolvingStorage
+from ZODB.POSException import (
+    ConflictError,
+    POSKeyError,
+    ReadOnlyError,
+    StorageTransactionError,
+)
+from ZODB.utils import z64
+
+from ZEO.Exceptions import ClientDisconnected
+
+from .cache import ClientCache
+from .connection import Call, Connection
+from .manager import ConnectionManager, normalize_addresses
+
+logger = logging.getLogger("ZEO.ClientStorage")
+
+MB = 1024 * 1024
+MAXTID = b"\x7f\xff\xff\xff\xff\xff\xff\xff"
+MAX_VOTE_ATTEMPTS = 9
+
+# Interfaces a server may announce in get_info that we then provide too (zeo-facts §3.2).
+_REMOTE_INTERFACES = {
+    ("ZODB.interfaces", name): getattr(ZODB.interfaces, name)
+    for name in (
+        "IStorageRestoreable",
+        "IStorageIteration",
+        "IStorageUndoable",
+        "IStorageCurrentRecordIteration",
+        "IExternalGC",
+    )
+}
+
+
+def _bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value or "").encode("utf-8")
+
+
+@zope.interface.implementer(
+    ZODB.interfaces.IMultiCommitStorage,
+    ZODB.interfaces.IPrefetchStorage,
+    ZODB.interfaces.IStorage,
+)
+class ClientStorage(ConflictResolvingStorage):
+    """A storage whose data lives on a ZEO server (signature: zeo-facts §7.7)."""
+
+    def __init__(
+        self,
+        addr: Any,
+        storage: str = "1",
+        cache_size: int = 20 * MB,
+        name: str = "",
+        wait_timeout: float | None = None,
+        disconnect_poll: Any = None,
+        read_only: Any = 0,
+        read_only_fallback: Any = 0,
+        blob_dir: str | None = None,
+        shared_blob_dir: bool = False,
+        blob_cache_size: int | None = None,
+        blob_cache_size_check: int = 10,
+        client_label: str | None = None,
+        cache: Any = None,
+        ssl: Any = None,
+        ssl_server_hostname: str | None = None,
+        client: str | None = None,
+        var: str | None = None,
+        min_disconnect_poll: Any = 1,
+        max_disconnect_poll: Any = None,
+        wait: bool = True,
+        drop_cache_rather_verify: bool = True,
+        credentials: Any = None,
+        server_sync: bool = False,
+        username: Any = None,
+        password: Any = None,
+        realm: Any = None,
+        _client_factory: Any = None,
+    ) -> None:
+        if ssl is not None:
+            raise NotImplementedError(
+                "TLS (ssl=) is not implemented in the zeo-ng client yet")
+        self._addr = addr
+        addresses = normalize_addresses(addr)
+        self.__name__ = name or str(addr)
+        self._storage_id = storage
+        self._read_only = bool(read_only)
+        self._read_only_fallback = bool(read_only_fallback)
+        self._is_read_only = bool(read_only)
+        self._wait_timeout = 30.0 if wait_timeout is None else float(wait_timeout)
+        self._client_label = client_label
+        self._server_sync = bool(server_sync)
+        self.blob_dir = blob_dir
+        self.shared_blob_dir = shared_blob_dir
+        self._tmp_dir: str | None = None
+
+        if isinstance(cache, ClientCache) or (
+            cache is not None and not isinstance(cache, (str, os.PathLike))
+        ):
+            self._cache = cache
+        else:
+            path = os.fspath(cache) if cache is not None else None
+            if path is None and client is not None:
+                path = os.path.join(var or os.getcwd(), f"{client}-{storage}.zec")
+            self._cache = ClientCache(path, size=cache_size)
+
+        self._info: dict = {
+            "length": 0, "size": 0, "name": "ZEO Client", "supportsUndo": 0, "interfaces": (),
+        }
+        self._db: Any = None
+        self._conn: Connection | None = None
+        self._setup_conn: Connection | None = None
+        self._server_addr: Any = None
+        self.protocol_version: bytes | None = None
+        self._connect_error: BaseException | None = None
+        self._connected_once = False
+        self._closed = False
+        self._ready = threading.Event()
+        self._generation = 0
+        # Guards the hand-over from "setting up" to "ready" against invalidations arriving.
+        self._state_lock = threading.Lock()
+        self._queued_invalidations: list[tuple[bytes, Any]] = []
+
+        self._tpc_lock = threading.Lock()
+        self._txn: Any = None
+        self._txn_conn: Connection | None = None
+        self._txn_generation = -1
+        self._txn_buffer: dict[bytes, bytes | None] = {}
+        self._txn_resolved: set[bytes] = set()
+
+        self._oid_lock = threading.Lock()
+        self._oids: list[bytes] = []
+        self._iterator_garbage: list[int] = []
+
+        self._manager = ConnectionManager(
+            self, addresses, ssl=ssl, ssl_server_hostname=ssl_server_hostname)
+        self._manager.start()
+        if wait:
+            if not self._ready.wait(self._wait_timeout):
+                err = self._connect_error
+                self.close()
+                if err is not None:
+                    raise err
+                raise ClientDisconnected("timed out waiting for connection")
+
+    # -- connection state (manager thread and reader threads) ------------------------------
+
+    def _begin_setup(self, conn: Connection) -> None:
+        with self._state_lock:
+            self._setup_conn = conn
+            self._queued_invalidations = []
+
+    def _abandon_setup(self, conn: Connection) -> None:
+        with self._state_lock:
+            if self._setup_conn is conn:
+                self._setup_conn = None
+                self._queued_invalidations = []
+
+    def _finish_setup(self, conn: Connection, server_tid: bytes, info: dict,
+                      read_only: bool) -> None:
+        self._info.update(info)
+        provided = [
+            _REMOTE_INTERFACES[tuple(i)] for i in info.get("interfaces", ())
+            if tuple(i) in _REMOTE_INTERFACES
+        ]
+        if provided:
+            zope.interface.alsoProvides(self, *provided)
+        self._is_read_only = read_only
+        self._server_addr = conn.peer
+        self.protocol_version = conn.protocol_version
+        if self._db is not None and self._connected_once:
+            self._db.invalidateCache()
+        with self._state_lock:
+            for tid, oids in self._queued_invalidations:
+                if tid > server_tid:
+                    self._apply_invalidations(tid, oids)
+            self._queued_invalidations = []
+            self._setup_conn = None
+            if conn.closed:
+                raise ClientDisconnected("connection lost during setup")
+            self._conn = conn
+            self._connected_once = True
+            self._ready.set()
+        logger.info("%s connected to %r (%s)", self.__name__, conn.peer,
+                    "read-only" if read_only else "read-write")
+
+    def connection_lost(self, conn: Connection) -> None:
+        """Reader thread: ``conn`` ended.  Poison the transaction and reconnect."""
+        with self._state_lock:
+            if self._conn is not conn:
+                return
+            self._conn = None
+            self._ready.clear()
+            self._generation += 1
+        if not self._closed:
+            logger.warning("%s disconnected from %r", self.__name__, conn.peer)
+            self._manager.wake()
+
+    def server_call(self, conn: Connection, name: str, args: tuple) -> None:
+        """Reader thread: a one-way call from the server."""
+        if name == "invalidateTransaction":
+            tid, oids = args
+            with self._state_lock:
+                if conn is self._setup_conn:
+                    self._queued_invalidations.append((tid, oids))
+                elif conn is self._conn:
+                    self._apply_invalidations(tid, oids)
+        elif name == "info":
+            (info,) = args
+            self._info.update(info)
+        else:
+            raise AttributeError(f"unknown server call {name!r}")
+
+    def _apply_invalidations(self, tid: bytes, oids: Any) -> None:
+        cache = self._cache
+        for oid in oids:
+            cache.invalidate(oid, tid)
+        db = self._db
+        if db is not None:
+            db.invalidate(tid, oids)
+        cache.setLastTid(tid)
+
+    def _connection(self) -> Connection:
+        conn = self._conn
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise ClientDisconnected("the storage is closed")
+        if not self._connected_once:
+            raise ClientDisconnected("never connected")
+        if self._ready.wait(self._wait_timeout):
+            conn = self._conn
+            if conn is not None:
+                return conn
+        raise ClientDisconnected("timed out waiting for connection")
+
+    def _call(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        try:
+            return self._connection().call_sync(name, *args, timeout=timeout)
+        except ConflictError as e:
+            if e.oid:
+                self._cache.invalidate(e.oid, None)
+            raise
+
+    # -- general ----------------------------------------------------------------------------
+
+    def is_connected(self, test: bool = False) -> bool:
+        return self._conn is not None
+
+    def new_addr(self, addr: Any) -> None:
+        """Use ``addr`` at the next (re)connection."""
+        self._addr = addr
+        self._manager.new_addr(addr)
+
+    def registerDB(self, db: Any) -> None:
+        ConflictResolvingStorage.registerDB(self, db)
+        self._db = db
+
+    def getName(self) -> str:
+        state = "connected" if self._conn is not None else "disconnected"
+        return f"{self.__name__} ({state})"
+
+    def sortKey(self) -> str:
+        if self._conn is None or self._server_addr is None:
+            raise ClientDisconnected("sortKey of a disconnected storage")
+        return f"{self._storage_id}:{self._server_addr}"
+
+    def getSize(self) -> int:
+        return self._info["size"]
+
+    def __len__(self) -> int:
+        return self._info["length"]
+
+    def isReadOnly(self) -> bool:
+        return self._is_read_only
+
+    def supportsUndo(self) -> bool:
+        return bool(self._info["supportsUndo"])
+
+    def lastTransaction(self) -> bytes:
+        return self._cache.getLastTid() or z64
+
+    def temporaryDirectory(self) -> str:
+        if self.blob_dir:
+            path = os.path.join(self.blob_dir, "tmp")
+            os.makedirs(path, exist_ok=True)
+            return path
+        if self._tmp_dir is None:
+            self._tmp_dir = tempfile.mkdtemp(prefix="zeo-client-")
+        return self._tmp_dir
+
+    def server_status(self, timeout: float | None = None) -> dict:
+        return self._call("server_status", timeout=timeout)
+
+    def ping(self) -> None:
+        self._call("ping")
+
+    def sync(self) -> None:
+        if self._server_sync:
+            self.ping()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._manager.close()
+        conn = self._conn or self._setup_conn
+        self._conn = None
+        self._ready.clear()
+        if conn is not None:
+            conn.close()
+            conn.join(5)
+        self._cache.close()
+        if self._tmp_dir is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+
+    def statistics(self) -> dict:
+        stats = {"connected": self.is_connected(), "generation": self._generation}
+        try:
+            stats["cache"] = self._cache.statistics()
+        except AttributeError:
+            pass
+        return stats
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _load_hook(self, oid: bytes):
+        cache = self._cache
+
+        def store_in_cache(result: Any) -> Any:
+            if result is not None:
+                data, start, end = result
+                try:
+                    cache.store(oid, start, end, data)
+                except Exception:
+                    logger.exception("caching %r failed", oid)
+            return result
+
+        return store_in_cache
+
+    def _load_call(self, conn: Connection, oid: bytes, tid: bytes) -> Call:
+        return conn.call("loadBefore", oid, tid, msgid=(oid, tid), on_reply=self._load_hook(oid))
+
+    def loadBefore(self, oid: bytes, tid: bytes):
+        r = self._cache.loadBefore(oid, tid)
+        if r is not None:
+            return r
+        return self._load_call(self._connection(), oid, tid).wait()
+
+    def load(self, oid: bytes, version: str = ""):
+        r = self._cache.load(oid)
+        if r is not None:
+            return r
+        r = self.loadBefore(oid, MAXTID)
+        if r is None:
+            raise POSKeyError(oid)
+        return r[0], r[1]
+
+    def prefetch(self, oids, tid: bytes) -> None:
+        """Send a ``loadBefore`` for each uncached oid without waiting for the replies."""
+        conn = self._connection()
+        for oid in oids:
+            if self._cache.loadBefore(oid, tid) is None:
+                self._load_call(conn, oid, tid)
+
+    def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
+        return self._call("loadSerial", oid, serial)
+
+    def getTid(self, oid: bytes) -> bytes:
+        return self._call("getTid", oid)
+
+    def history(self, oid: bytes, size: int = 1, version: Any = None):
+        return self._call("history", oid, size)
+
+    def record_iternext(self, next: Any = None):
+        return self._call("record_iternext", next)
+
+    def new_oid(self) -> bytes:
+        if self._is_read_only:
+            raise ReadOnlyError()
+        with self._oid_lock:
+            if not self._oids:
+                self._oids = list(reversed(self._call("new_oids")))
+            return self._oids.pop()
+
+    def pack(self, t: float | None = None, referencesf: Any = None, wait: Any = 1,
+             days: float = 0) -> None:
+        if t is None:
+            t = time.time()
+        t -= days * 86400
+        self._call("pack", t, wait)
+
+    def undoLog(self, first: int = 0, last: int = -20, filter: Any = None):
+        if filter is not None:
+            return []
+        return list(self._call("undoLog", first, last))
+
+    def undoInfo(self, first: int = 0, last: int = -20, specification: Any = None):
+        return list(self._call("undoInfo", first, last, specification))
+
+    def iterator(self, start: bytes | None = None, stop: bytes | None = None):
+        conn = self._connection()
+        self._flush_iterator_garbage(conn)
+        iid = conn.call_sync("iterator_start", start, stop)
+        return TransactionIterator(self, conn, iid)
+
+    def _flush_iterator_garbage(self, conn: Connection) -> None:
+        garbage, self._iterator_garbage = self._iterator_garbage, []
+        if garbage:
+            try:
+                conn.call_oneway("iterator_gc", garbage)
+            except ClientDisconnected:
+                pass
+
+    def copyTransactionsFrom(self, other: Any, verbose: int = 0) -> None:
+        ZODB.BaseStorage.copy(other, self, verbose)
+
+    # -- two-phase commit ------------------------------------------------------------------
+
+    def _check_trans(self, txn: Any, meth: str) -> Connection:
+        if self._is_read_only:
+            raise ReadOnlyError()
+        if self._txn is not txn or txn is None:
+            raise StorageTransactionError(self, txn)
+        conn = self._txn_conn
+        if self._txn_generation != self._generation or conn is None or conn.closed:
+            raise ClientDisconnected(meth, "on a disconnected transaction")
+        return conn
+
+    def tpc_begin(self, txn: Any, tid: bytes | None = None, status: str = " ") -> None:
+        if self._is_read_only:
+            raise ReadOnlyError()
+        if self._txn is txn:
+            raise StorageTransactionError("Duplicate tpc_begin calls for same transaction")
+        self._tpc_lock.acquire()
+        try:
+            conn = self._connection()
+            self._txn = txn
+            self._txn_conn = conn
+            self._txn_generation = self._generation
+            self._txn_buffer = {}
+            self._txn_resolved = set()
+            ext = getattr(txn, "extension", None)
+            conn.call_oneway(
+                "tpc_begin", id(txn), _bytes(txn.user), _bytes(txn.description),
+                dict(ext) if ext else {}, tid, status)
+        except BaseException:
+            self._end_txn()
+            raise
+
+    def _end_txn(self) -> None:
+        self._txn = None
+        self._txn_conn = None
+        self._txn_buffer = {}
+        self._txn_resolved = set()
+        if self._tpc_lock.locked():
+            self._tpc_lock.release()
+
+    def store(self, oid: bytes, serial: bytes, data: bytes, version: str, txn: Any) -> None:
+        conn = self._check_trans(txn, "store")
+        conn.call_oneway("storea", oid, serial or z64, data, id(txn))
+        self._txn_buffer[oid] = data
+
+    def checkCurrentSerialInTransaction(self, oid: bytes, serial: bytes, txn: Any) -> None:
+        conn = self._check_trans(txn, "checkCurrentSerialInTransaction")
+        conn.call_oneway("checkCurrentSerialInTransaction", oid, serial, id(txn))
+
+    def deleteObject(self, oid: bytes, serial: bytes, txn: Any) -> None:
+        conn = self._check_trans(txn, "deleteObject")
+        conn.call_oneway("deleteObject", oid, serial, id(txn))
+        self._txn_buffer[oid] = None
+
+    def restore(self, oid: bytes, serial: bytes, data: bytes | None, version: str,
+                prev_txn: bytes | None, txn: Any) -> None:
+        conn = self._check_trans(txn, "restore")
+        conn.call_oneway("restorea", oid, serial, data, prev_txn, id(txn))
+        self._txn_buffer[oid] = None
+
+    def undo(self, transaction_id: bytes, txn: Any) -> None:
+        """Queue an undo; the undone oids come back from :meth:`tpc_vote`."""
+        conn = self._check_trans(txn, "undo")
+        conn.call_oneway("undoa", transaction_id, id(txn))
+
+    def tpc_vote(self, txn: Any) -> list[bytes]:
+        """Vote, resolving conflicts the server hands back; return the resolved/undone oids."""
+        conn = self._check_trans(txn, "tpc_vote")
+        for _attempt in range(MAX_VOTE_ATTEMPTS):
+            try:
+                result = conn.call_sync("vote", id(txn))
+            except ConflictError as e:
+                if e.oid:
+                    self._cache.invalidate(e.oid, None)
+                raise
+            conflicts = []
+            for item in result or ():
+                if isinstance(item, dict):
+                    conflicts.append(item)
+                else:
+                    self._txn_resolved.add(item)
+                    self._txn_buffer[item] = None
+            if not conflicts:
+                return list(self._txn_resolved)
+            for c in conflicts:
+                oid = c["oid"]
+                committed, read = c["serials"]
+                data = c.get("data")
+                if data is None:
+                    data = self._txn_buffer.get(oid)
+                try:
+                    resolved = self.tryToResolveConflict(oid, committed, read, data)
+                except ConflictError:
+                    self._cache.invalidate(oid, None)
+                    raise
+                conn.call_oneway("storea", oid, committed, resolved, id(txn))
+                self._txn_resolved.add(oid)
+                self._txn_buffer[oid] = None
+        raise ConflictError(f"conflicts still unresolved after {MAX_VOTE_ATTEMPTS} votes")
+
+    def tpc_finish(self, txn: Any, f: Any = None) -> bytes:
+        """Finish the commit; the cache and ``f(tid)`` are updated before ``tid`` is returned."""
+        conn = self._check_trans(txn, "tpc_finish")
+        buffer = self._txn_buffer
+        cache = self._cache
+
+        def finished(tid: Any) -> Any:  # reader thread, before later invalidations
+            if tid is None:
+                raise StorageTransactionError("the server had no transaction to finish")
+            try:
+                for oid, data in buffer.items():
+                    cache.invalidate(oid, tid)
+                    if data is not None:
+                        cache.store(oid, tid, None, data)
+            except Exception:
+                logger.exception("cache update after commit failed; clearing the cache")
+                cache.clear()
+            cache.setLastTid(tid)
+            if f is not None:
+                f(tid)
+            return tid
+
+        try:
+            return conn.call("tpc_finish", id(txn), on_reply=finished).wait()
+        finally:
+            self._end_txn()
+
+    def tpc_abort(self, txn: Any, timeout: float | None = None) -> None:
+        if self._txn is not txn or txn is None:
+            return
+        try:
+            conn = self._txn_conn
+            if conn is not None and not conn.closed:
+                conn.call_sync("tpc_abort", id(txn), timeout=timeout)
+        except ClientDisconnected:
+            pass
+        finally:
+            self._end_txn()
+
+    def tpc_transaction(self) -> Any:
+        return self._txn
+
+
+class ClientTransaction(ZODB.BaseStorage.TransactionRecord):
+    """One transaction from a server-side iterator; iterate it for its data records."""
+
+    def __init__(self, storage: ClientStorage, conn: Connection, iid: int, tid: bytes,
+                 status: str, user: bytes, description: bytes, extension: dict) -> None:
+        super().__init__(tid, status, user, description, extension)
+        self._storage = storage
+        self._conn = conn
+        self._iid = iid
+
+    def __iter__(self) -> Iterator[ZODB.BaseStorage.DataRecord]:
+        conn = self._conn
+        riid = conn.call_sync("iterator_record_start", self._iid, self.tid)
+        while True:
+            if conn.closed:
+                raise ClientDisconnected("iterator used after a disconnect")
+            r = conn.call_sync("iterator_record_next", riid)
+            if r is None:
+                return
+            oid, tid, data, data_txn = r
+            yield ZODB.BaseStorage.DataRecord(oid, tid, data, data_txn)
+
+
+class TransactionIterator:
+    """The ``iterator()`` of a ClientStorage: transactions fetched one by one."""
+
+    def __init__(self, storage: ClientStorage, conn: Connection, iid: int) -> None:
+        self._storage = storage
+        self._conn = conn
+        self._iid = iid
+        self._ended = False
+
+    def __iter__(self) -> TransactionIterator:
+        return self
+
+    def __next__(self) -> ClientTransaction:
+        if self._ended:
+            raise StopIteration
+        if self._conn.closed:
+            self._ended = True
+            raise ClientDisconnected("iterator used after a disconnect")
+        r = self._conn.call_sync("iterator_next", self._iid)
+        if r is None:
+            self._ended = True  # the server forgot the iterator already
+            raise StopIteration
+        tid, status, user, description, extension = r
+        return ClientTransaction(self._storage, self._conn, self._iid, tid, status, user,
+                                 description, extension)
+
+    def close(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._storage._iterator_garbage.append(self._iid)
+
+    def __del__(self) -> None:
+        # Never send from here (a finalizer may run while this thread holds the send lock).
+        if not self._ended:
+            self._ended = True
+            self._storage._iterator_garbage.append(self._iid)
+
+
+def check_blob_size_script(args: Any = None) -> None:
+    """Prune a blob cache directory to a target size (not implemented yet)."""
+    raise NotImplementedError("blob cache pruning is not implemented yet")
