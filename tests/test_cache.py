@@ -183,8 +183,10 @@ def test_statistics_counts():
     assert cache.getStats() == (1, 4, 0, 0, 4)
 
 
-def test_threads_hammering_keep_consistency():
-    c = ClientCache(size=(8 + RECORD_OVERHEAD) * 50)
+@pytest.mark.parametrize("mode", ["memory", "file"])
+def test_threads_hammering_keep_consistency(mode, tmp_path):
+    path = None if mode == "memory" else str(tmp_path / "c.zec")
+    c = ClientCache(path, size=(8 + RECORD_OVERHEAD) * 50)
     errors: list[BaseException] = []
 
     def worker(k: int) -> None:
@@ -211,6 +213,7 @@ def test_threads_hammering_keep_consistency():
     assert not errors
     assert len(c) == len(list(c.contents())) <= 50
     assert c.statistics()["bytes"] <= c.maxsize
+    c.close()
 
 
 def test_cache_path(tmp_path, monkeypatch):

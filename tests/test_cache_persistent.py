@@ -429,6 +429,20 @@ def test_record_bigger_than_the_cache_is_not_kept(tmp_path):
         c.close()
 
 
+def test_too_big_current_record_still_supersedes_the_cached_one(tmp_path):
+    path = str(tmp_path / "c.zec")
+    c = ClientCache(path, size=4096)
+    c.store(p64(1), p64(1), None, b"old")
+    c.store(p64(1), p64(2), None, bytes(5000))  # newer, too big to keep
+    assert c.load(p64(1)) is None
+    crash(c)
+    c = ClientCache(path, size=4096)
+    try:
+        assert c.load(p64(1)) is None and len(c) == 0  # the old one did not come back
+    finally:
+        c.close()
+
+
 def test_smaller_size_on_reopen_empties_the_cache(tmp_path):
     path = str(tmp_path / "c.zec")
     c = ClientCache(path, size=1 << 20)

@@ -99,15 +99,18 @@ class _Record:
 
     __slots__ = ("oid", "start", "end", "data", "pos", "seq", "slot", "dlen", "live")
 
-    def __init__(self, oid: bytes, start: bytes, end: bytes | None, data: bytes | None) -> None:
+    def __init__(
+        self, oid: bytes, start: bytes, end: bytes | None, data: bytes | None,
+        pos: int = 0, seq: int = 0, slot: int = 0, dlen: int = 0,
+    ) -> None:
         self.oid = oid
         self.start = start
         self.end = end
         self.data = data
-        self.pos = 0
-        self.seq = 0
-        self.slot = 0
-        self.dlen = 0 if data is None else len(data)
+        self.pos = pos
+        self.seq = seq
+        self.slot = slot
+        self.dlen = dlen if data is None else len(data)
         self.live = True
 
 
@@ -622,17 +625,21 @@ class PersistentClientCache(ClientCache):
             if h is not None and h[1] != KIND_FREE and h[4] >= next_seq:
                 return False
         ring = self._ring
-        add_nc = self._add_noncurrent
         current = self._current
+        noncurrent = self._noncurrent
         for oid, start, end, pos, seq, slot, dlen in _INDEX_ENTRY.iter_unpack(raw[n:-4]):
-            r = _Record(oid, start, None if end == z64 else end, None)
-            r.pos, r.seq, r.slot, r.dlen = pos, seq, slot, dlen
-            ring.append(r)
-            if r.end is None:
-                current[oid] = r
-                self._count += 1
+            if end == z64:
+                r = current[oid] = _Record(oid, start, None, None, pos, seq, slot, dlen)
             else:
-                add_nc(r)
+                r = _Record(oid, start, end, None, pos, seq, slot, dlen)
+                lst = noncurrent.get(oid)
+                if lst is None:
+                    noncurrent[oid] = [r]
+                else:
+                    lst.append(r)
+                    lst.sort(key=_start_of)
+            ring.append(r)
+        self._count = count
         self._head, self._filesize, self._next_seq = head, filesize, next_seq
         self._last_tid = None if last_tid == z64 else last_tid
         self._open_mode = "index"
@@ -682,8 +689,7 @@ class PersistentClientCache(ClientCache):
             kind, oid = h[1], h[6]
             if kind == KIND_DATA:
                 end = h[8]
-                r = _Record(oid, h[7], None if end == z64 else end, None)
-                r.pos, r.seq, r.slot, r.dlen = pos, seq, h[3], h[9]
+                r = _Record(oid, h[7], None if end == z64 else end, None, pos, seq, h[3], h[9])
                 data_recs.append(r)
                 self._apply_data(r)
             elif kind == KIND_INVAL:
@@ -811,19 +817,22 @@ class PersistentClientCache(ClientCache):
         except OSError as e:
             self._fail(e)
             return None
-        h = _unpack_header(buf)
-        if (
-            h is not None
-            and len(buf) == HDR + r.dlen
-            and h[1] == KIND_DATA
-            and h[4] == r.seq
-            and h[6] == r.oid
-            and h[7] == r.start
-            and h[9] == r.dlen
-        ):
-            data = buf[HDR:]
-            if _crc32(data) == h[10]:
-                return data
+        # The header checksum is not recomputed here: the fields that matter are compared
+        # with the index (the sequence number makes an overwritten slot fail) and the data
+        # is checked against its own checksum.
+        if len(buf) == HDR + r.dlen:
+            h = _REC.unpack_from(buf)
+            if (
+                h[4] == r.seq
+                and h[6] == r.oid
+                and h[7] == r.start
+                and h[1] == KIND_DATA
+                and h[0] == _MARK
+                and h[9] == r.dlen
+            ):
+                data = buf[HDR:]
+                if _crc32(data) == h[10]:
+                    return data
         self._bad_records += 1
         logger.warning("ZEO cache %s: damaged record for oid %r dropped", self.path, r.oid)
         # Forget the oid, in the file too: the record must not come back on reopen.
@@ -839,9 +848,7 @@ class PersistentClientCache(ClientCache):
         if age > self.rearrange * (self.maxsize - DATA_START):
             w = self._append(KIND_DATA, r.oid, r.start, r.end, data)
             if w is not None:
-                r2 = _Record(r.oid, r.start, r.end, None)
-                r2.pos, r2.seq, r2.slot = w
-                r2.dlen = r.dlen
+                r2 = _Record(r.oid, r.start, r.end, None, *w, r.dlen)
                 self._ring.append(r2)
                 self._apply_data(r2)
                 self._rearranged += 1
@@ -890,14 +897,19 @@ class PersistentClientCache(ClientCache):
         with self._lock:
             if end_tid is not None and end_tid <= start_tid:
                 raise ValueError(f"end_tid {end_tid!r} <= start_tid {start_tid!r}")
+            if HDR + len(data) > self.maxsize - DATA_START:
+                # Too big to keep; but a current record it supersedes must go, in the file too.
+                cur = self._current.get(oid) if end_tid is None else None
+                if cur is not None and cur.start < start_tid:
+                    if self._append(KIND_FORGET, oid, z64, None, b"") is not None:
+                        self._apply_forget(oid)
+                return
             if not self._accept(oid, start_tid, end_tid):
                 return
             w = self._append(KIND_DATA, oid, start_tid, end_tid, data)
             if w is None:
                 return
-            r = _Record(oid, start_tid, end_tid, None)
-            r.pos, r.seq, r.slot = w
-            r.dlen = len(data)
+            r = _Record(oid, start_tid, end_tid, None, *w, len(data))
             self._ring.append(r)
             if end_tid is None:
                 self._current[oid] = r
