@@ -9,11 +9,52 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import tempfile
 from collections import deque
 from typing import Any
 
 # Buffered record kinds (first item of each buffered tuple).
 STORE, CHECK, RESTORE, DELETE, UNDO = "store", "check", "restore", "delete", "undo"
+
+
+class SpooledData:
+    """Where a record's data went in the transaction's spool file."""
+
+    __slots__ = ("offset", "length")
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+
+
+class Spool:
+    """A temporary file for record data beyond a transaction's memory budget.
+
+    Written on the loop thread as stores arrive, read back on the commit worker at vote;
+    the two never overlap because a vote starts only after the last buffered write.
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.file = tempfile.TemporaryFile(dir=directory, prefix="zeo-txn-")
+        self.size = 0
+
+    def put(self, data: bytes) -> SpooledData:
+        f = self.file
+        f.seek(self.size)
+        f.write(data)
+        ref = SpooledData(self.size, len(data))
+        self.size += len(data)
+        return ref
+
+    def get(self, ref: SpooledData) -> bytes:
+        self.file.seek(ref.offset)
+        data = self.file.read(ref.length)
+        if len(data) != ref.length:
+            raise OSError("transaction spool file is truncated")
+        return data
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class TxnPhase(enum.Enum):
@@ -36,7 +77,7 @@ class ServerTransaction:
     __slots__ = (
         "txn_id", "user", "description", "extension", "tid", "status", "records",
         "blobs", "phase", "meta", "lock_waiter", "aborted", "timeout_handle",
-        "locked_at", "nbytes", "invalidated", "vote_started_at",
+        "locked_at", "nbytes", "invalidated", "vote_started_at", "spool",
     )
 
     def __init__(self, txn_id: Any, user: bytes, description: bytes, extension: dict,
@@ -56,12 +97,27 @@ class ServerTransaction:
         self.timeout_handle: asyncio.TimerHandle | None = None
         self.locked_at: float | None = None
         self.vote_started_at: float | None = None
+        self.spool: Spool | None = None
         self.nbytes = 0
         self.invalidated: list[bytes] = []  # oids to broadcast, set by a successful vote
 
     @property
     def holds_lock(self) -> bool:
         return self.phase in (TxnPhase.VOTING, TxnPhase.VOTED, TxnPhase.FINISHING)
+
+    def data(self, data: Any) -> Any:
+        """The bytes of a buffered record's data, read back from the spool if it went there."""
+        if type(data) is SpooledData:
+            return self.spool.get(data)  # type: ignore[union-attr]
+        return data
+
+    def discard(self) -> None:
+        """Free what the transaction buffered: spool file and unconsumed blob files."""
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+        self.records = []
+        self.discard_blobs()
 
     def discard_blobs(self) -> None:
         """Remove uploaded blob files the storage did not take."""

@@ -26,7 +26,7 @@ from ZODB.POSException import (
 
 from ..protocol import Handshake, RemoteProtocolError, RuokRequest, ServerConnection
 from ..protocol.errors import LocalProtocolError
-from .commit import CHECK, DELETE, RESTORE, STORE, UNDO, ServerTransaction, TxnPhase
+from .commit import CHECK, DELETE, RESTORE, STORE, UNDO, ServerTransaction, Spool, TxnPhase
 
 if TYPE_CHECKING:
     from .storage_server import StorageServer, StorageState
@@ -72,6 +72,7 @@ class Session(asyncio.Protocol):
         self._blob_upload: tuple[Any, str] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        self._register_timer: asyncio.TimerHandle | None = None
         self.connected_at = time.time()
         self.calls = 0
         self.bytes_in = 0
@@ -92,8 +93,23 @@ class Session(asyncio.Protocol):
         else:
             self.peer = str(peer or transport.get_extra_info("sockname") or "unix")
         self.label = self.peer
-        self.server.session_opened(self)
+        server = self.server
+        if not server.session_opened(self):
+            logger.warning("(%s) refused: %d connections is the maximum", self.peer,
+                           server.max_connections)
+            self.close()
+            return
+        transport.set_write_buffer_limits(high=1 << 20)  # type: ignore[attr-defined]
+        if server.register_timeout:
+            self._register_timer = self.loop.call_later(server.register_timeout,
+                                                        self._not_registered)
         transport.write(self.conn.greeting())  # type: ignore[attr-defined]
+
+    def _not_registered(self) -> None:
+        if self.state is None and not self.closed:
+            logger.warning("(%s) did not register within %s seconds, closing", self.label,
+                           self.server.register_timeout)
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         # Replies produced while handling this chunk leave in one write at the end.
@@ -129,6 +145,8 @@ class Session(asyncio.Protocol):
             else:
                 self.bytes_out += sum(map(len, batch))
                 self.transport.writelines(batch)
+            if self.transport.get_write_buffer_size() > self.server.max_output_buffer:
+                self._output_overflow()
         batch.clear()
 
     def write(self, frame: bytes) -> None:
@@ -138,6 +156,16 @@ class Session(asyncio.Protocol):
         elif self.transport is not None and not self.transport.is_closing():
             self.bytes_out += len(frame)
             self.transport.write(frame)
+            if self.transport.get_write_buffer_size() > self.server.max_output_buffer:
+                self._output_overflow()
+
+    def _output_overflow(self) -> None:
+        # The client does not read what we send (e.g. invalidations): drop it rather than
+        # let its backlog grow without bound.
+        logger.warning("(%s) more than %d bytes wait to be sent: the client is not reading, "
+                       "closing", self.label, self.server.max_output_buffer)
+        self.transport.abort()  # type: ignore[union-attr]
+        self.closed = True
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -148,6 +176,8 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._writable.set()
+        if self._register_timer is not None:
+            self._register_timer.cancel()
         if self.txn is not None:
             txn = self.txn
             logger.warning(
@@ -242,6 +272,9 @@ class Session(asyncio.Protocol):
         self.read_only = read_only or self.server.read_only or bool(state.storage.isReadOnly())
         self._methods = {name: getattr(self, name) for name in REGISTERED_METHODS}
         state.sessions[self] = None
+        if self._register_timer is not None:
+            self._register_timer.cancel()
+            self._register_timer = None
         logger.info("(%s) registered on storage %r%s", self.label, storage_id,
                     " read-only" if self.read_only else "")
         return state.published_tid
@@ -382,12 +415,18 @@ class Session(asyncio.Protocol):
         return txn
 
     def _buffer(self, txn: ServerTransaction, record: tuple, size: int) -> None:
-        txn.records.append(record)
+        """Buffer ``record``; its data (item 3) goes to the spool past the memory budget."""
         txn.nbytes += size
-        limit = self.server.max_transaction_size
+        server = self.server
+        limit = server.max_transaction_size
         if limit and txn.nbytes > limit:
             raise StorageTransactionError(
                 f"transaction buffers more than {limit} bytes (max-transaction-size)")
+        if size and txn.nbytes > server.transaction_memory:
+            if txn.spool is None:
+                txn.spool = Spool(server.spool_dir)
+            record = (*record[:3], txn.spool.put(record[3]), *record[4:])
+        txn.records.append(record)
 
     def tpc_begin(self, txn_id: Any, user: bytes = b"", description: bytes = b"",
                   extension: Any = None, tid: bytes | None = None, status: str = " ") -> None:
