@@ -1,0 +1,704 @@
+"""The StorageServer: serves named ZODB storages to ZEO 5/6 clients.
+
+Threads (see docs/design.rst): one asyncio loop thread for all network I/O, dispatch and reads;
+per storage one *commit worker* thread for the vote replay, ``tpc_vote``, ``tpc_finish`` and
+``tpc_abort``; a small pool for reads that may wait on the storage lock, pack, undo logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import ZODB.event
+from ZODB.Connection import TransactionMetaData
+from ZODB.POSException import ConflictError
+from ZODB.serialize import referencesf
+from ZODB.utils import p64, u64, z64
+from zope.interface import providedBy
+
+from ..protocol.framing import DEFAULT_MAX_MESSAGE_SIZE
+from .commit import (
+    CHECK,
+    DELETE,
+    RESTORE,
+    STORE,
+    UNDO,
+    CommitLock,
+    ServerTransaction,
+    TxnPhase,
+)
+from .session import Session
+
+logger = logging.getLogger("ZEO.server")
+timeout_logger = logging.getLogger("ZEO.StorageServer")
+
+
+class Serving:
+    """Event published when a server starts serving at ``address``."""
+
+    def __init__(self, server: StorageServer, address: Any = None) -> None:
+        self.server = server
+        self.address = address
+
+
+class Closed:
+    """Event published when a server has closed."""
+
+    def __init__(self, server: StorageServer) -> None:
+        self.server = server
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """An event loop for the server: uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _conflict_to_client(oid: bytes, committedSerial: bytes, oldSerial: bytes, newpickle: bytes,
+                        committedData: bytes = b"") -> None:
+    # client-conflict-resolution: conflicts go back to the client instead of being resolved here.
+    raise ConflictError(oid=oid, serials=(committedSerial, oldSerial), data=newpickle)
+
+
+def _wrapped_storages(storage: Any) -> list[Any]:
+    """``storage`` and the storages it wraps (BlobStorage proxies and the like)."""
+    found = [storage]
+    try:
+        from zope.proxy import getProxiedObject, isProxy
+    except ImportError:  # pragma: no cover
+        return found
+    seen = {id(storage)}
+    current = storage
+    while isProxy(current):
+        current = getProxiedObject(current)
+        if id(current) in seen:
+            break
+        seen.add(id(current))
+        found.append(current)
+    return found
+
+
+class _ServerDB:
+    """What a served storage sees as its database: it relays external invalidations."""
+
+    def __init__(self, state: StorageState) -> None:
+        self._state = state
+
+    def invalidate(self, tid: bytes, oids: Any, version: str = "") -> None:
+        state = self._state
+        state.server.event_loop.call_soon_threadsafe(state.publish, tid, list(oids), None)
+
+    def invalidateCache(self) -> None:
+        # The storage lost track of what changed: make every client reconnect and verify.
+        state = self._state
+        state.server.event_loop.call_soon_threadsafe(state.close_sessions)
+
+    def transform_record_data(self, data: bytes) -> bytes:
+        return data
+
+    def untransform_record_data(self, data: bytes) -> bytes:
+        return data
+
+    references = staticmethod(referencesf)
+
+
+class StorageState:
+    """Everything the server keeps for one served storage.
+
+    ``sessions`` (the registered sessions, in registration order), the commit ``lock``,
+    the invalidation queue ``invq`` (newest first), ``published_tid`` (the last tid whose
+    invalidations the loop has sent) and the counters of ``status()``.
+    """
+
+    def __init__(self, server: StorageServer, storage_id: str, storage: Any) -> None:
+        self.server = server
+        self.storage_id = storage_id
+        self.storage = storage
+        self.loop = server.event_loop
+        self.sessions: dict[Session, None] = {}
+        self.lock = CommitLock()
+        self.worker = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"zeo-commit-{storage_id}"
+        )
+        self.invq: deque[tuple[bytes, Any]] = deque(maxlen=max(server.invalidation_queue_size, 1))
+        last = storage.lastTransaction() or z64
+        seeded = False
+        if server.invalidation_queue_size > 0 and hasattr(storage, "lastInvalidations"):
+            try:
+                for tid, oids in storage.lastInvalidations(server.invalidation_queue_size):
+                    self.invq.appendleft((tid, list(oids)))
+                seeded = bool(self.invq)
+            except Exception:
+                logger.exception("could not read the last invalidations of %r", storage_id)
+        if not seeded:
+            self.invq.appendleft((last, None))
+        self.published_tid: bytes = last
+        self.start = time.ctime()
+        self.stats_loads = 0
+        self.stats_stores = 0
+        self.stats_commits = 0
+        self.stats_aborts = 0
+        self.stats_conflicts = 0
+        self.stats_conflicts_resolved = 0
+        self.stats_active_txns = 0
+        self.lock_granted_at = 0.0
+        self.lock_wait_seconds = 0.0  # summed over all granted votes
+        self.lock_hold_seconds = 0.0
+        self._interfaces = tuple(
+            (iface.__module__, iface.__name__) for iface in providedBy(storage).__iro__
+        )
+        if server.client_conflict_resolution:
+            for s in _wrapped_storages(storage):
+                if hasattr(s, "tryToResolveConflict"):
+                    s.tryToResolveConflict = _conflict_to_client
+        if hasattr(storage, "registerDB"):
+            storage.registerDB(_ServerDB(self))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        storage = self.storage
+        return {
+            "length": len(storage),
+            "size": storage.getSize(),
+            "name": storage.getName(),
+            "supportsUndo": bool(storage.supportsUndo()),
+            "supports_record_iternext": hasattr(storage, "record_iternext"),
+            "interfaces": self._interfaces,
+        }
+
+    def status(self) -> dict:
+        holder = self.lock.holder
+        return {
+            "connections": len(self.sessions),
+            "loads": self.stats_loads,
+            "stores": self.stats_stores,
+            "commits": self.stats_commits,
+            "aborts": self.stats_aborts,
+            "active_txns": self.stats_active_txns,
+            "lock_time": holder.locked_at if holder is not None else None,
+            "conflicts": self.stats_conflicts,
+            "conflicts_resolved": self.stats_conflicts_resolved,
+            "start": self.start,
+            "waiting": self.lock.waiting,
+            "timeout-thread-is-alive": True if self.server.transaction_timeout else "stub",
+            "last-transaction": self.published_tid.hex(),
+        }
+
+    def get_invalidations(self, tid: bytes) -> Any:
+        invq = self.invq
+        if invq and invq[-1][0] <= tid:
+            latest = invq[0][0]
+            oids: dict[bytes, None] = {}
+            for qtid, qoids in invq:
+                if qtid <= tid:
+                    break
+                if qoids:
+                    oids.update(dict.fromkeys(qoids))
+            return latest, list(oids)
+        age = self.server.invalidation_age
+        if age and time.time() - _tid_time(tid) < age:
+            return self.loop.run_in_executor(
+                self.server.read_executor, self._iterate_invalidations, tid
+            )
+        return None
+
+    def _iterate_invalidations(self, tid: bytes) -> Any:
+        oids: dict[bytes, None] = {}
+        latest = None
+        for txn in self.storage.iterator(p64(u64(tid) + 1)):
+            oids.update(dict.fromkeys(rec.oid for rec in txn))
+            latest = txn.tid
+        if latest is None:
+            return None
+        return latest, list(oids)
+
+    # -- invalidations -----------------------------------------------------------------
+
+    def publish(self, tid: bytes, oids: list, committer: Session | None) -> None:
+        """On the loop: record ``tid`` and send its invalidations to every other session."""
+        if tid <= self.published_tid and committer is None and not oids:
+            return
+        self.published_tid = tid
+        self.invq.appendleft((tid, oids))
+        frames: dict[bytes, bytes] = {}
+        args = (tid, oids)
+        for session in self.sessions:
+            if session is committer or session.closed:
+                continue
+            codec = session.conn.codec
+            letter = codec.letter  # type: ignore[union-attr]
+            frame = frames.get(letter)
+            if frame is None:
+                frame = frames[letter] = session.conn.send_oneway("invalidateTransaction", args)
+            session.write(frame)
+
+    def send_info(self, sessions: Any) -> None:
+        info = {"length": len(self.storage), "size": self.storage.getSize()}
+        for session in list(sessions):
+            session.send_oneway("info", (info,))
+
+    def close_sessions(self) -> None:
+        for session in list(self.sessions):
+            session.close()
+
+    # -- the commit path -----------------------------------------------------------------
+
+    async def vote(self, session: Session, txn: ServerTransaction) -> Any:
+        txn.phase = TxnPhase.WAITING
+        txn.vote_started_at = time.monotonic()
+        fut = self.lock.acquire(txn, self.loop)
+        txn.lock_waiter = fut
+        if not fut.done():
+            waiting = self.lock.waiting
+            level = logging.CRITICAL if waiting > 9 else (
+                logging.WARNING if waiting > 3 else logging.DEBUG)
+            logger.log(level, "(%s) waiting for the commit lock of %r, %d waiting",
+                       session.label, self.storage_id, waiting)
+        await fut  # CancelledError when the transaction is aborted while waiting
+        txn.phase = TxnPhase.VOTING
+        txn.locked_at = time.time()
+        self.lock_granted_at = time.monotonic()
+        self.lock_wait_seconds += self.lock_granted_at - txn.vote_started_at
+        timeout = self.server.transaction_timeout
+        if timeout:
+            txn.timeout_handle = self.loop.call_later(timeout, self._timed_out, session, txn,
+                                                      timeout)
+        try:
+            outcome, value = await self.loop.run_in_executor(self.worker, self._vote_body, txn)
+        except BaseException as exc:
+            if isinstance(exc, ConflictError):
+                self.stats_conflicts += 1
+            self._end(session, txn, aborted=True)
+            raise
+        if outcome == "conflicts":
+            # The storage transaction was aborted; the client resolves and votes again.
+            self.stats_conflicts += len(value)
+            self._release(txn)
+            txn.phase = TxnPhase.OPEN
+            if txn.aborted:
+                self._end(session, txn, aborted=True)
+            return value
+        if txn.aborted:  # the client went away while we voted
+            await self.loop.run_in_executor(self.worker, self.storage.tpc_abort, txn.meta)
+            self._end(session, txn, aborted=True)
+            return None
+        txn.phase = TxnPhase.VOTED
+        return value
+
+    def _vote_body(self, txn: ServerTransaction) -> tuple[str, Any]:
+        """On the commit worker: replay the buffered records into the storage and vote."""
+        storage = self.storage
+        meta = txn.meta = TransactionMetaData(txn.user, txn.description, txn.extension)
+        if txn.tid is not None or txn.status != " ":
+            storage.tpc_begin(meta, txn.tid, txn.status)
+        else:
+            storage.tpc_begin(meta)
+        try:
+            client_resolution = self.server.client_conflict_resolution
+            conflicts: dict[bytes, dict] = {}
+            invalidated: list[bytes] = []
+            returned: list[bytes] = []
+            for rec in txn.records:
+                kind = rec[0]
+                if kind is STORE:
+                    oid = rec[1]
+                    data = txn.data(rec[3])
+                    try:
+                        storage.store(oid, rec[2], data, "", meta)
+                    except ConflictError as e:
+                        if not client_resolution or e.oid is None:
+                            raise
+                        conflicts[oid] = {"oid": oid, "serials": e.serials, "data": data}
+                        continue
+                    conflicts.pop(oid, None)
+                    invalidated.append(oid)
+                elif kind is CHECK:
+                    storage.checkCurrentSerialInTransaction(rec[1], rec[2], meta)
+                elif kind is RESTORE:
+                    storage.restore(rec[1], rec[2], txn.data(rec[3]), "", rec[4], meta)
+                elif kind is DELETE:
+                    storage.deleteObject(rec[1], rec[2], meta)
+                elif kind is UNDO:
+                    result = storage.undo(rec[1], meta)
+                    if result:
+                        undone = list(result[1])
+                        invalidated.extend(undone)
+                        returned.extend(undone)
+            blobs, txn.blobs = txn.blobs, []
+            try:
+                while blobs:
+                    oid, serial, data, path = blobs.pop(0)
+                    storage.storeBlob(oid, serial, data, path, "", meta)
+                    invalidated.append(oid)
+            finally:
+                txn.blobs = blobs  # whatever was not consumed is removed at the end
+            if conflicts:
+                storage.tpc_abort(meta)
+                return "conflicts", list(conflicts.values())
+            resolved = storage.tpc_vote(meta)
+            if resolved:
+                returned.extend(resolved)
+                self.stats_conflicts_resolved += len(resolved)
+            txn.invalidated = invalidated
+            return "ok", returned
+        except BaseException:
+            storage.tpc_abort(meta)
+            raise
+
+    async def finish(self, session: Session, txn: ServerTransaction) -> bytes:
+        txn.phase = TxnPhase.FINISHING
+        oids = list(dict.fromkeys(txn.invalidated))
+        loop = self.loop
+        publish = self.publish
+
+        def callback(tid: bytes) -> None:
+            # Runs on the commit worker while the storage still holds its lock.
+            loop.call_soon_threadsafe(publish, tid, oids, session)
+
+        try:
+            tid = await loop.run_in_executor(self.worker, self.storage.tpc_finish, txn.meta,
+                                             callback)
+        except BaseException:
+            logger.critical("(%s) tpc_finish failed on %r", session.label, self.storage_id,
+                            exc_info=True)
+            self._end(session, txn, aborted=True)
+            raise
+        self.stats_commits += 1
+        self.send_info((session,))
+        self._end(session, txn, aborted=False)
+        return tid
+
+    def abort(self, session: Session, txn: ServerTransaction) -> asyncio.Future | None:
+        """Abort ``txn`` in whatever phase it is; a future when the storage must be told."""
+        phase = txn.phase
+        txn.aborted = True
+        if phase is TxnPhase.OPEN:
+            self._end(session, txn, aborted=True)
+        elif phase is TxnPhase.WAITING:
+            self.lock.cancel(txn)
+            self._end(session, txn, aborted=True)
+        elif phase is TxnPhase.VOTED:
+            txn.phase = TxnPhase.FINISHING  # no second abort or finish
+            fut = self.loop.run_in_executor(self.worker, self.storage.tpc_abort, txn.meta)
+            fut.add_done_callback(lambda f: self._end(session, txn, aborted=True))
+            return fut
+        # VOTING: the vote coroutine sees ``aborted`` and aborts when the replay returns.
+        # FINISHING: the commit is completing; it cannot be taken back.
+        return None
+
+    def _release(self, txn: ServerTransaction) -> None:
+        if txn.timeout_handle is not None:
+            txn.timeout_handle.cancel()
+            txn.timeout_handle = None
+        txn.locked_at = None
+        if self.lock.holder is txn:
+            now = time.monotonic()
+            wait = self.lock_granted_at - (txn.vote_started_at or self.lock_granted_at)
+            hold = now - self.lock_granted_at
+            self.lock_hold_seconds += hold
+            observer = self.server.observer
+            if observer is not None:
+                observer.lock_released(self.storage_id, wait, hold)
+        self.lock.release(txn)
+
+    def _end(self, session: Session, txn: ServerTransaction, aborted: bool) -> None:
+        if txn.phase is TxnPhase.ENDED:
+            return
+        self._release(txn)
+        txn.discard()
+        self.stats_active_txns -= 1
+        if aborted:
+            self.stats_aborts += 1
+        session.transaction_ended(txn)
+
+    def _timed_out(self, session: Session, txn: ServerTransaction, timeout: float) -> None:
+        if txn.phase is TxnPhase.ENDED or self.lock.holder is not txn:
+            return
+        timeout_logger.critical("(%s) Transaction timeout after %s seconds", session.label,
+                                timeout)
+        session.close()
+
+    # -- pack ----------------------------------------------------------------------------
+
+    def pack(self, t: float) -> asyncio.Future:
+        fut = self.loop.run_in_executor(None, self._pack, t)
+        fut.add_done_callback(lambda f: f.exception() or self.send_info(self.sessions))
+        return fut
+
+    def _pack(self, t: float) -> None:
+        logger.info("packing storage %r to %s", self.storage_id, t)
+        self.storage.pack(t, referencesf)
+
+    def statistics(self) -> dict:
+        return dict(
+            self.status(),
+            storage_id=self.storage_id,
+            invalidation_queue_length=len(self.invq),
+            lock_wait_seconds=self.lock_wait_seconds,
+            lock_hold_seconds=self.lock_hold_seconds,
+        )
+
+
+def _tid_time(tid: bytes) -> float:
+    from persistent.TimeStamp import TimeStamp
+
+    return TimeStamp(tid).timeTime()
+
+
+def _normalize_addresses(addr: Any) -> list[Any]:
+    if isinstance(addr, list):
+        addrs = addr
+    else:
+        addrs = [addr]
+    out = []
+    for a in addrs:
+        if isinstance(a, int):
+            a = ("127.0.0.1", a)
+        elif isinstance(a, (tuple, list)):
+            a = (a[0], int(a[1]))
+        elif not isinstance(a, str):
+            raise ValueError(f"bad server address {a!r}")
+        out.append(a)
+    if not out:
+        raise ValueError("no server address")
+    return out
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: a leftover of a dead server
+    else:
+        raise OSError(f"address {path} already in use")
+    finally:
+        probe.close()
+
+
+class StorageServer:
+    """Serve ``storages`` (``{storage_id: storage}``) at ``addr`` (one address or a list).
+
+    The constructor binds the listening sockets; :meth:`loop` serves until :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        addr: Any,
+        storages: dict[str, Any],
+        read_only: bool = False,
+        invalidation_queue_size: int = 100,
+        invalidation_age: float | None = None,
+        transaction_timeout: float | None = None,
+        ssl: Any = None,
+        client_conflict_resolution: bool = False,
+        msgpack: bool | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_transaction_size: int | None = None,
+        transaction_memory: int = 32 * 1024 * 1024,
+        spool_dir: str | None = None,
+        max_connections: int = 10000,
+        register_timeout: float | None = 60.0,
+        max_output_buffer: int = 256 * 1024 * 1024,
+        unix_socket_mode: int = 0o600,
+        **ignored: Any,
+    ) -> None:
+        if not storages:
+            raise ValueError("no storages to serve")
+        if msgpack is None:
+            msgpack = bool(os.environ.get("ZEO_MSGPACK"))
+        self.read_only = bool(read_only)
+        self.invalidation_queue_size = int(invalidation_queue_size)
+        self.invalidation_age = invalidation_age
+        self.transaction_timeout = transaction_timeout
+        self.client_conflict_resolution = bool(client_conflict_resolution)
+        self.msgpack = bool(msgpack)
+        self.announce = b"M5" if msgpack else b"Z5"
+        self.max_message_size = max_message_size
+        self.max_transaction_size = max_transaction_size  # bytes, memory + spool; None: any
+        self.transaction_memory = transaction_memory  # per transaction, before spilling
+        self.spool_dir = spool_dir
+        self.max_connections = max_connections
+        self.register_timeout = register_timeout  # seconds to register after connecting
+        self.max_output_buffer = max_output_buffer  # unsent bytes before a client is dropped
+        self.unix_socket_mode = unix_socket_mode
+        self.ssl = ssl
+        #: Optional observer with ``lock_released(storage_id, wait_s, hold_s)`` (metrics).
+        self.observer: Any = None
+        self.event_loop = new_event_loop()
+        self.read_executor = concurrent.futures.ThreadPoolExecutor(
+            4, thread_name_prefix="zeo-read"
+        )
+        self.storages = dict(storages)
+        self.states = {sid: StorageState(self, sid, s) for sid, s in self.storages.items()}
+        self.sessions: dict[Session, None] = {}
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[str] = []
+        self.addresses: list[Any] = []
+        self._closed = False
+        self._stopped = threading.Event()
+        self._loop_thread: int | None = None
+        self.started_at = time.time()
+        self.connections_total = 0
+        self.closed_bytes_in = 0  # traffic of sessions that have closed
+        self.closed_bytes_out = 0
+        try:
+            for a in _normalize_addresses(addr):
+                self._listen(a)
+        except BaseException:
+            for listener in self._listeners:
+                listener.close()
+            self.event_loop.close()
+            raise
+        self.addr = self.addresses[0]
+        modes = ", ".join(
+            f"{sid}:{'RO' if (self.read_only or s.isReadOnly()) else 'RW'}:{s.getName()}"
+            for sid, s in self.storages.items()
+        )
+        logger.info("StorageServer created %s with storages: %s",
+                    "RO" if self.read_only else "RW", modes)
+
+    def _listen(self, a: Any) -> None:
+        loop = self.event_loop
+        factory = lambda: Session(self)
+        if isinstance(a, str):
+            _remove_stale_unix_socket(a)
+            listener = loop.run_until_complete(
+                loop.create_unix_server(factory, a, ssl=self.ssl)
+            )
+            self._unix_paths.append(a)
+            os.chmod(a, self.unix_socket_mode)
+            bound: Any = a
+        else:
+            host, port = a
+            listener = loop.run_until_complete(
+                loop.create_server(factory, host or None, port, ssl=self.ssl,
+                                   reuse_address=True)
+            )
+            name = listener.sockets[0].getsockname()
+            bound = (host if host else name[0], name[1])
+        self._listeners.append(listener)
+        self.addresses.append(bound)
+        logger.info("listening on %s", bound if isinstance(bound, str)
+                    else f"{bound[0]}:{bound[1]}")
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def session_opened(self, session: Session) -> bool:
+        """Admit a new session; False when the server is at ``max_connections``."""
+        if len(self.sessions) >= self.max_connections or self._closed:
+            return False
+        self.sessions[session] = None
+        self.connections_total += 1
+        logger.debug("(%s) connected", session.peer)
+        return True
+
+    def session_closed(self, session: Session) -> None:
+        if self.sessions.pop(session, 0) is None:
+            self.closed_bytes_in += session.bytes_in
+            self.closed_bytes_out += session.bytes_out
+
+    # -- status ---------------------------------------------------------------------------
+
+    def server_status(self, storage_id: str) -> dict:
+        return self.states[storage_id].status()
+
+    def ruok(self) -> dict:
+        return {sid: state.status() for sid, state in self.states.items()}
+
+    def statistics(self) -> dict:
+        return {
+            "addresses": [a if isinstance(a, str) else list(a) for a in self.addresses],
+            "connections": len(self.sessions),
+            "connections_total": self.connections_total,
+            "bytes_in": sum(s.bytes_in for s in self.sessions) + self.closed_bytes_in,
+            "bytes_out": sum(s.bytes_out for s in self.sessions) + self.closed_bytes_out,
+            "started_at": self.started_at,
+            "storages": {sid: state.statistics() for sid, state in self.states.items()},
+        }
+
+    # -- running and stopping -------------------------------------------------------------
+
+    def loop(self, timeout: float | None = None) -> None:
+        """Serve in the calling thread until :meth:`close`."""
+        self._loop_thread = threading.get_ident()
+        ZODB.event.notify(Serving(self, address=self.addr))
+        try:
+            if not self._closed:
+                self.event_loop.run_forever()
+        finally:
+            self._loop_thread = None
+            if not self.event_loop.is_closed():
+                self.event_loop.close()
+            self._stopped.set()
+
+    def start_thread(self, daemon: bool = True) -> threading.Thread:
+        """Serve in a new thread; returns it once the loop runs."""
+        thread = threading.Thread(target=self.loop, name="zeo-server", daemon=daemon)
+        thread.start()
+        return thread
+
+    def close(self, join_timeout: float | None = 30) -> None:
+        """Stop serving and close the storages (thread-safe, idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = self.event_loop
+        if loop.is_running():
+            if self._loop_thread == threading.get_ident():
+                loop.create_task(self._shutdown())
+                return
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+            self._stopped.wait(join_timeout)
+        elif not loop.is_closed():
+            loop.run_until_complete(self._shutdown())
+            loop.close()
+            self._stopped.set()
+
+    async def _shutdown(self) -> None:
+        loop = self.event_loop
+        for listener in self._listeners:
+            listener.close()
+        for session in list(self.sessions):
+            session.close()
+        # Let connection_lost run and the aborts it queued reach the commit workers.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (
+            self.sessions or any(s.lock.holder is not None for s in self.states.values())
+        ):
+            await asyncio.sleep(0.01)
+        for state in self.states.values():
+            await loop.run_in_executor(None, state.worker.shutdown, True)
+        self.read_executor.shutdown(wait=False)
+        for sid, storage in self.storages.items():
+            logger.info("closing storage %r", sid)
+            try:
+                storage.close()
+            except Exception:
+                logger.exception("error closing storage %r", sid)
+        for path in self._unix_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        ZODB.event.notify(Closed(self))
+        loop.stop()
