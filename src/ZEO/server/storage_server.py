@@ -520,6 +520,8 @@ class StorageServer:
         register_timeout: float | None = 60.0,
         max_output_buffer: int = 256 * 1024 * 1024,
         unix_socket_mode: int = 0o600,
+        admin_socket: str | None = None,
+        metrics_address: tuple[str, int] | None = None,
         **ignored: Any,
     ) -> None:
         if not storages:
@@ -570,6 +572,9 @@ class StorageServer:
             self.event_loop.close()
             raise
         self.addr = self.addresses[0]
+        self.admin: Any = None  # ZEO.server.admin.AdminServer
+        self.metrics: Any = None  # ZEO.server.metrics.MetricsExporter
+        self._start_operator_tools(admin_socket, metrics_address)
         modes = ", ".join(
             f"{sid}:{'RO' if (self.read_only or s.isReadOnly()) else 'RW'}:{s.getName()}"
             for sid, s in self.storages.items()
@@ -600,6 +605,35 @@ class StorageServer:
         self.addresses.append(bound)
         logger.info("listening on %s", bound if isinstance(bound, str)
                     else f"{bound[0]}:{bound[1]}")
+
+    def _start_operator_tools(self, admin_socket: str | None, metrics_address: Any) -> None:
+        """Open the admin socket and the metrics endpoint when configured."""
+        try:
+            if admin_socket:
+                from .admin import AdminServer
+
+                self.admin = AdminServer(self, admin_socket)
+            if metrics_address:
+                from .metrics import MetricsExporter
+
+                self.metrics = MetricsExporter(self, tuple(metrics_address))
+        except BaseException:
+            self._stop_operator_tools()
+            for listener in self._listeners:
+                listener.close()
+            for path in self._unix_paths:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            self.event_loop.close()
+            raise
+
+    def _stop_operator_tools(self) -> None:
+        for tool in (self.admin, self.metrics):
+            if tool is not None:
+                tool.close()
+        self.admin = self.metrics = None
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -678,6 +712,7 @@ class StorageServer:
         loop = self.event_loop
         for listener in self._listeners:
             listener.close()
+        self._stop_operator_tools()
         for session in list(self.sessions):
             session.close()
         # Let connection_lost run and the aborts it queued reach the commit workers.
