@@ -10,7 +10,9 @@ from ``src/`` for our side, under the reference venv's python with the real ZEO 
 The table shows, per metric, the median over rounds of each side and of the per-round ratio
 ours/ref; the JSON file holds every round's raw results.
 
-``--self-test`` runs the reference on both sides (a check of the harness and of its noise).
+``--self-test`` runs the reference on both sides (a check of the harness and of its noise);
+``--client ref`` pairs our server with the reference client (the server alone), ``--server ref``
+our client with the reference server.
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ class Side:
     name: str
     python: str
     server_cmd: list[str]
-    env: dict[str, str]
+    env: dict[str, str]  # for the client workloads
+    server_env: dict[str, str] | None = None  # None: the same as env
+    desc: str = "server ZEO 6.2, client ZEO 6.2"
 
-    def run_env(self) -> dict[str, str]:
+    def run_env(self, server: bool = False) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)
-        env.update(self.env)
+        env.update(self.env if not server or self.server_env is None else self.server_env)
         return env
 
 
@@ -100,7 +104,7 @@ class Server:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*side.server_cmd, "-C", str(self.conf)], stdout=self._log,
-            stderr=subprocess.STDOUT, env=side.run_env(), cwd=directory)
+            stderr=subprocess.STDOUT, env=side.run_env(server=True), cwd=directory)
         try:
             self._wait_listening(60)
         except Exception:
@@ -235,11 +239,75 @@ class Worker:
         self._log.close()
 
 
+class Profiler:
+    """``py-spy record`` of a server process (all threads), raw collapsed stacks to ``path``."""
+
+    def __init__(self, pid: int, path: Path, rate: int = 250) -> None:
+        exe = shutil.which("py-spy")
+        if exe is None:
+            raise RuntimeError("--profile needs py-spy: pip install py-spy")
+        self.path = path
+        self._log = open(path.with_suffix(".log"), "ab")
+        self.proc = subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
+             "--threads", "--nonblocking", "--output", str(path)],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        time.sleep(0.5)  # let it attach before the timed phase starts
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def profile_summary(path: Path, top: int = 25) -> str:
+    """Top functions of a py-spy raw profile, by own samples and by samples including callees."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    n = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        c = int(count)
+        n += c
+        # "func (file:line)" -> "func (file)": aggregate over lines; shorten site-packages paths
+        frames = [f.rsplit(":", 1)[0] + ")" if f.endswith(")") and ":" in f else f
+                  for f in stack.split(";")]
+        frames = [f.split("site-packages/")[-1].replace(str(REPO / "src") + "/", "")
+                  for f in frames]
+        threads[frames[0]] = threads.get(frames[0], 0) + c
+        own[frames[-1]] = own.get(frames[-1], 0) + c
+        for f in set(frames[1:]):
+            total[f] = total.get(f, 0) + c
+    if not n:
+        return f"{path.name}: no samples"
+    lines = [f"{path.name}: {n} samples (busy threads only)", "  by thread:"]
+    lines += [f"    {c / n:6.1%}  {t}" for t, c in sorted(threads.items(), key=lambda x: -x[1])]
+    lines.append("  own time:")
+    lines += [f"    {c / n:6.1%}  {f}" for f, c in sorted(own.items(), key=lambda x: -x[1])[:top]]
+    lines.append("  including callees:")
+    boiler = ("(<frozen runpy>)", "(threading.py)", "(ZEO/runzeo.py)", "(concurrent/futures/")
+    inclusive = [(f, c) for f, c in total.items() if not any(b in f for b in boiler)]
+    lines += [f"    {c / n:6.1%}  {f}" for f, c in sorted(inclusive, key=lambda x: -x[1])[:top]]
+    return "\n".join(lines)
+
+
 def run_group(side: Side, workload: str, server: Server, data_dir: Path, params: dict[str, Any],
               nprocs: int, duration: float, timeout: float, log_dir: Path,
-              ) -> tuple[list[dict[str, Any]], float]:
-    """Run ``nprocs`` workers together; return their results and the server CPU seconds used."""
+              profile: Path | None = None) -> tuple[list[dict[str, Any]], float]:
+    """Run ``nprocs`` workers together; return their results and the server CPU seconds used.
+
+    With ``profile``, the server is sampled by py-spy during the timed phase into that file.
+    """
     workers: list[Worker] = []
+    profiler = None
     try:
         for i in range(nprocs):
             workers.append(Worker(side, workload, server.addr, data_dir, params, i, nprocs,
@@ -247,6 +315,8 @@ def run_group(side: Side, workload: str, server: Server, data_dir: Path, params:
         setup_deadline = time.monotonic() + 120
         for w in workers:
             w.expect("READY", setup_deadline)
+        if profile is not None:
+            profiler = Profiler(server.pid, profile)
         cpu0 = server.cpu_seconds()
         start = time.time() + 0.2
         for w in workers:
@@ -258,6 +328,8 @@ def run_group(side: Side, workload: str, server: Server, data_dir: Path, params:
             w.proc.wait(30)
         return results, cpu
     finally:
+        if profiler is not None:
+            profiler.stop()
         for w in workers:
             w.close()
 
@@ -432,8 +504,11 @@ def run_side_workload(side: Side, server: Server, w: Workload, a: argparse.Names
     try:
         if not server.alive():
             raise WorkerError(f"server is not running: {server.log_tail(500)}")
+        profile = None
+        if a.profile is not None and side.name in a.profile_sides:
+            profile = a.profile / f"r{a.current_round}-{side.name}-{w.name}.txt"
         results, cpu = run_group(side, w.worker, server, data_dir, params, w.nprocs,
-                                 w.duration(a), w.timeout, log_dir)
+                                 w.duration(a), w.timeout, log_dir, profile)
         metrics = w.extract(results)
         ops = w.cpu_ops(results)
         metrics[cpu_metric(w).name] = cpu / ops * 1e6 if ops else None
@@ -457,6 +532,7 @@ def start_server(side: Side, directory: Path) -> Server:
 def run_round(r: int, sides: list[Side], selected: list[Workload], a: argparse.Namespace,
               tmp: Path) -> dict[str, Any]:
     order = sides if r % 2 == 0 else sides[::-1]
+    a.current_round = r + 1
     log(f"round {r + 1}: order {' -> '.join(s.name for s in order)}")
     busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
     servers: dict[str, Server] = {}
@@ -587,9 +663,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="write results here (default benchmarks/results/<timestamp>.json)")
     p.add_argument("--self-test", action="store_true",
                    help="run the reference ZEO on both sides (checks the harness and its noise)")
+    p.add_argument("--server", choices=["ours", "ref"], default="ours",
+                   help="server of the first side (e.g. ours with --client ref: server only)")
+    p.add_argument("--client", choices=["ours", "ref"], default="ours",
+                   help="client library of the first side's workloads")
     p.add_argument("--ours-python", default=sys.executable,
                    help="interpreter for our client workloads (default: this one, with src/)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="sample the first side's server with py-spy during each workload; write "
+                   "raw stacks and a top-functions summary to DIR (slows that server: do not "
+                   "quote the ratios of a profiled run)")
+    p.add_argument("--profile-both", action="store_true",
+                   help="with --profile, sample the reference server too")
     a = p.parse_args(argv)
     rounds = a.rounds if a.rounds is not None else (1 if a.quick else 5)
 
@@ -597,12 +683,23 @@ def main(argv: list[str] | None = None) -> int:
     ref_runzeo = str(Path(ref_python).parent / "runzeo")
     ref = Side("ref", ref_python, [ref_runzeo], {})
     if a.self_test:
-        ours = Side("ref2", ref_python, [ref_runzeo], {})
-    else:
-        src = str(REPO / "src")
-        ours = Side("ours", a.ours_python, [a.ours_python, "-m", "ZEO.runzeo"],
-                    {"PYTHONPATH": src})
+        a.server = a.client = "ref"
+    src = {"PYTHONPATH": str(REPO / "src")}
+    name = {("ours", "ours"): "ours", ("ours", "ref"): "oursrv", ("ref", "ours"): "ourcli",
+            ("ref", "ref"): "ref2"}[a.server, a.client]
+    ours = Side(
+        name,
+        a.ours_python if a.client == "ours" else ref_python,
+        [a.ours_python, "-m", "ZEO.runzeo"] if a.server == "ours" else [ref_runzeo],
+        src if a.client == "ours" else {},
+        server_env=src if a.server == "ours" else {},
+        desc=f"server {'ours' if a.server == 'ours' else 'ZEO 6.2'}, "
+             f"client {'ours' if a.client == 'ours' else 'ZEO 6.2'}",
+    )
     sides = [ours, ref]
+    a.profile_sides = {s.name for s in (sides if a.profile_both else sides[:1])}
+    if a.profile is not None:
+        a.profile.mkdir(parents=True, exist_ok=True)
 
     if a.only:
         names = set(a.only)
@@ -618,8 +715,8 @@ def main(argv: list[str] | None = None) -> int:
         infos = {s.name: info(s, tmp) for s in sides}
         for s in sides:
             i = infos[s.name]
-            log(f"{s.name}: python {i['python']}, ZEO {i['zeo_version']} ({i['zeo_file']}), "
-                f"ZODB {i['zodb_version']}, uvloop {i['uvloop']}")
+            log(f"{s.name}: {s.desc}; python {i['python']}, ZEO {i['zeo_version']} "
+                f"({i['zeo_file']}), ZODB {i['zodb_version']}, uvloop {i['uvloop']}")
         results = []
         t0 = time.monotonic()
         for r in range(rounds):
@@ -635,11 +732,11 @@ def main(argv: list[str] | None = None) -> int:
         out = a.json or HERE / "results" / f"{started:%Y%m%d-%H%M%S}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))
-        i_a, i_b = infos[sides[0].name], infos[sides[1].name]
         print(f"machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['platform']}")
-        print(f"{sides[0].name}: python {i_a['python']}, ZEO {i_a['zeo_version']}, "
-              f"uvloop {i_a['uvloop']}; {sides[1].name}: python {i_b['python']}, "
-              f"ZEO {i_b['zeo_version']}, uvloop {i_b['uvloop']}")
+        for s in sides:
+            i = infos[s.name]
+            print(f"{s.name}: {s.desc}; client python {i['python']}, uvloop {i['uvloop']}, "
+                  f"ZEO from {i['zeo_file']}")
         foreign = [rd["foreign_cpu_share"] for rd in results]
         print("CPU used by other processes during the rounds: "
               + " ".join(f"{x:.0%}" for x in foreign)
@@ -655,6 +752,11 @@ def main(argv: list[str] | None = None) -> int:
                   for wn, res in so["workloads"].items() if "error" in res]
         for rnd, s, wn, err in failed:
             print(f"n/a: round {rnd} {s} {wn}: {err}")
+        if a.profile is not None:
+            parts = [profile_summary(f) for f in sorted(a.profile.glob("r*-*.txt"))
+                     if not f.name.endswith(".summary.txt")]
+            (a.profile / "summary.txt").write_text("\n\n".join(parts) + "\n")
+            print(f"profiles (PROFILED RUN: ratios are skewed): {a.profile / 'summary.txt'}")
     finally:
         if a.keep:
             log(f"kept {tmp}")
