@@ -179,3 +179,31 @@ def test_stale_socket_file_replaced_and_live_one_refused(tmp_path):
         other.close()
         srv.close()
     assert not os.path.exists(path)
+
+
+def test_runzeo_config_admin_socket_and_metrics(tmp_path):
+    """``admin-socket`` and ``<metrics>`` in a real ``runzeo -C`` config; ``stop`` ends it."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from support.servers import filestorage_conf, free_port, start_server
+
+    admin = str(tmp_path / "admin.sock")
+    port = free_port()
+    extra = f"  admin-socket {admin}\n  <metrics>\n    address 127.0.0.1:{port}\n  </metrics>"
+    srv = start_server("ours", tmp_path, filestorage_conf(tmp_path / "Data.fs"), extra)
+    try:
+        with WireClient(srv.addr) as c:
+            c.register("1", True)
+            c.call("ping")
+            clients = json.loads(zeo("--admin", admin, "clients", "--json").stdout)
+            assert [cl["peer"] for cl in clients] == [f"127.0.0.1:{c.sock.getsockname()[1]}"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            names = {f.name for f in text_string_to_metric_families(r.read().decode())}
+        assert {"zeo_loads", "zeo_commit_lock_hold_seconds", "zeo_server_connections"} <= names
+        assert zeo("--admin", admin, "stop").stdout == '"stopping"\n'
+        assert srv.proc.wait(30) == 0
+        assert not os.path.exists(admin)
+    finally:
+        srv.stop()

@@ -84,6 +84,8 @@ class ServerOptions:
     pid_filename: str | None = None
     client_conflict_resolution: bool = False
     msgpack: bool = False
+    admin_socket: str | None = None
+    metrics_address: tuple[str, int] | None = None
     ssl_context: Any = None
     eventlog: Any = None  # a ZConfig logger factory, or None
     test: bool = False
@@ -162,6 +164,8 @@ def options_from_config(root) -> ServerOptions:
         client_conflict_resolution=z.client_conflict_resolution,
         msgpack=msgpack,
         ssl_context=z.ssl_context,
+        admin_socket=z.admin_socket,
+        metrics_address=tuple(z.metrics.address) if z.metrics is not None else None,
         eventlog=root.eventlog,
     )
 
@@ -420,6 +424,8 @@ class ZEOServer:
                 ssl=o.ssl_context,
                 client_conflict_resolution=o.client_conflict_resolution,
                 msgpack=o.msgpack,
+                admin_socket=o.admin_socket,
+                metrics_address=o.metrics_address,
             )
         except OSError as e:
             raise StartupError(f"cannot listen: {_one_line(e)}")
