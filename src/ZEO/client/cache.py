@@ -13,6 +13,7 @@ In memory (``path=None``)
     The records share one LRU list (an ``OrderedDict`` keyed by the record objects).  Each
     record costs ``len(data) + RECORD_OVERHEAD`` bytes of the ``size`` budget; the least
     recently used records, current or not, are evicted when the budget is exceeded.
+    ``rearrange`` is not used in memory.
 
 Persistent (``path`` given): a log in a ring
     The file is ``DATA_START`` (64) bytes of header (magic ``ZNGCACHE``, version, a CLEAN flag
