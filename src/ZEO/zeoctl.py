@@ -1,0 +1,45 @@
+"""``zeoctl``: control a ZEO server through zdaemon (start, stop, restart, status, logreopen...).
+
+It is zdaemon's ``zdctl`` reading the server's own config file with ``zeoctl.xml``: the
+``runzeo`` schema plus a required ``<runner>`` section (``program runzeo -C zeo.conf``,
+``socket-name``...).  ``logreopen`` sends SIGUSR2, which makes runzeo reopen its log files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import zdaemon
+from zdaemon import zdctl
+
+SCHEMA_DIR = os.path.dirname(os.path.abspath(__file__))
+ZDRUN = os.path.join(os.path.dirname(os.path.abspath(zdaemon.__file__)), "zdrun.py")
+
+
+class ZEOCtlOptions(zdctl.ZDCtlOptions):
+    """zdctl's options with ZEO's schema, and zdaemon's own zdrun as the daemon manager
+    (zdctl would otherwise re-run ``sys.argv[0]``, which may be a wrapper script)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Set before realize(): zdctl's own default for -S is zdaemon's schema.
+        self.schemadir = SCHEMA_DIR
+        self.schemafile = "zeoctl.xml"
+
+    def realize(self, *args, **kw) -> None:
+        super().realize(*args, **kw)
+        if not self.zdrun:
+            self.zdrun = ZDRUN
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console script: ``zeoctl -C zeo.conf start|stop|restart|status|logreopen|...``."""
+    if args is None:
+        args = sys.argv[1:]
+    options = ZEOCtlOptions()
+    zdctl.main(args, options)
+
+
+if __name__ == "__main__":
+    main()
