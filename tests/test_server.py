@@ -241,3 +241,11 @@ def test_iteration_over_the_wire(make_server):
     with pytest.raises(RemoteError) as e:
         a.call("iterator_next", iid)
     assert e.value.class_name == "builtins.KeyError"
+
+
+def test_mapping_storage_has_no_undo(make_server):
+    # MappingStorage lacks supportsUndo(): get_info must still answer (ZEO.server's default).
+    server = make_server(storages={"1": MappingStorage()})
+    c = connect(server)
+    assert c.call("get_info")["supportsUndo"] is False
+    assert tuple(c.call("undoLog", 0, 20)) == ()

@@ -337,12 +337,12 @@ class Session(asyncio.Protocol):
         raise AttributeError("'Session' object has no attribute 'new_oid'")
 
     def undoLog(self, first: int = 0, last: int = -20) -> Any:
-        if not self.storage.supportsUndo():
+        if not self.state.supports_undo:  # type: ignore[union-attr]
             return ()
         return self._offload(self.storage.undoLog, first, last)
 
     def undoInfo(self, first: int = 0, last: int = -20, spec: Any = None) -> Any:
-        if not self.storage.supportsUndo():
+        if not self.state.supports_undo:  # type: ignore[union-attr]
             return ()
         return self._offload(self.storage.undoInfo, first, last, spec)
 

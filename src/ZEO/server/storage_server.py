@@ -156,6 +156,7 @@ class StorageState:
         self.lock_granted_at = 0.0
         self.lock_wait_seconds = 0.0  # summed over all granted votes
         self.lock_hold_seconds = 0.0
+        self.supports_undo = _supports_undo(storage)
         self._interfaces = tuple(
             (iface.__module__, iface.__name__) for iface in providedBy(storage).__iro__
         )
@@ -174,7 +175,7 @@ class StorageState:
             "length": len(storage),
             "size": storage.getSize(),
             "name": storage.getName(),
-            "supportsUndo": bool(storage.supportsUndo()),
+            "supportsUndo": self.supports_undo,
             "supports_record_iternext": hasattr(storage, "record_iternext"),
             "interfaces": self._interfaces,
         }
@@ -450,6 +451,11 @@ class StorageState:
             lock_wait_seconds=self.lock_wait_seconds,
             lock_hold_seconds=self.lock_hold_seconds,
         )
+
+
+def _supports_undo(storage: Any) -> bool:
+    supports = getattr(storage, "supportsUndo", None)  # MappingStorage has none
+    return bool(supports()) if supports is not None else False
 
 
 def _tid_time(tid: bytes) -> float:
