@@ -31,6 +31,7 @@ from ZODB.utils import z64
 
 from ZEO.Exceptions import ClientDisconnected
 
+from .blob import BlobStore, open_blob_store
 from .cache import ClientCache
 from .connection import Call, Connection
 from .manager import ConnectionManager, normalize_addresses
@@ -115,6 +116,8 @@ class ClientStorage(ConflictResolvingStorage):
         self.blob_dir = blob_dir
         self.shared_blob_dir = shared_blob_dir
         self._tmp_dir: str | None = None
+        self._blobs: BlobStore | None = open_blob_store(
+            blob_dir, shared_blob_dir, blob_cache_size, blob_cache_size_check)
 
         if isinstance(cache, ClientCache) or (
             cache is not None and not isinstance(cache, (str, os.PathLike))
@@ -185,6 +188,10 @@ class ClientStorage(ConflictResolvingStorage):
             _REMOTE_INTERFACES[tuple(i)] for i in info.get("interfaces", ())
             if tuple(i) in _REMOTE_INTERFACES
         ]
+        if self._blobs is not None and any(
+                tuple(i) == ("ZODB.interfaces", "IBlobStorage")
+                for i in info.get("interfaces", ())):
+            provided.append(ZODB.interfaces.IBlobStorage)
         if provided:
             zope.interface.alsoProvides(self, *provided)
         self._is_read_only = read_only
@@ -230,6 +237,8 @@ class ClientStorage(ConflictResolvingStorage):
         elif name == "info":
             (info,) = args
             self._info.update(info)
+        elif name.startswith("receiveBlob") and self._blobs is not None:
+            self._blobs.server_call(name, args)  # streamed download, in the server's order
         else:
             raise AttributeError(f"unknown server call {name!r}")
 
@@ -333,6 +342,8 @@ class ClientStorage(ConflictResolvingStorage):
             conn.close()
             conn.join(5)
         self._cache.close()
+        if self._blobs is not None:
+            self._blobs.close()
         if self._tmp_dir is not None:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
@@ -475,6 +486,8 @@ class ClientStorage(ConflictResolvingStorage):
         self._txn_conn = None
         self._txn_buffer = {}
         self._txn_resolved = set()
+        if self._blobs is not None:
+            self._blobs.abort()  # staged blob files not committed
         if self._tpc_lock.locked():
             self._tpc_lock.release()
 
@@ -555,6 +568,8 @@ class ClientStorage(ConflictResolvingStorage):
             except Exception:
                 logger.exception("cache update after commit failed; clearing the cache")
                 cache.clear()
+            if self._blobs is not None:
+                self._blobs.finish(tid)  # staged blob files join the blob cache
             cache.setLastTid(tid)
             if f is not None:
                 f(tid)
@@ -579,6 +594,30 @@ class ClientStorage(ConflictResolvingStorage):
 
     def tpc_transaction(self) -> Any:
         return self._txn
+
+    # -- blobs (ZEO.client.blob does the work) ------------------------------------------------
+
+    def _blob_store(self) -> BlobStore:
+        if self._blobs is None:
+            raise POSKeyError("this ClientStorage has no blob_dir")
+        return self._blobs
+
+    def storeBlob(self, oid: bytes, serial: bytes, data: bytes, blobfilename: str,
+                  version: str, txn: Any) -> None:
+        """Store the record, then upload the blob file now (before the vote)."""
+        blobs = self._blob_store()
+        self.store(oid, serial, data, version, txn)
+        blobs.store(self._txn_conn.call_oneway, oid, serial or z64, data, blobfilename,
+                    id(txn))
+
+    def _send_blob(self, oid: bytes, serial: bytes) -> None:
+        self._call("sendBlob", oid, serial)
+
+    def loadBlob(self, oid: bytes, serial: bytes) -> str:
+        return self._blob_store().load(oid, serial, self._send_blob)
+
+    def openCommittedBlobFile(self, oid: bytes, serial: bytes, blob: Any = None) -> Any:
+        return self._blob_store().open_committed(oid, serial, self._send_blob, blob)
 
 
 class ClientTransaction(ZODB.BaseStorage.TransactionRecord):
@@ -643,5 +682,7 @@ class TransactionIterator:
 
 
 def check_blob_size_script(args: Any = None) -> None:
-    """Prune a blob cache directory to a target size (not implemented yet)."""
-    raise NotImplementedError("blob cache pruning is not implemented yet")
+    """Prune a blob cache directory to a target size: ``[blob_dir, target_bytes]``."""
+    from .blob import check_blob_size_script as prune_script
+
+    prune_script(args)
