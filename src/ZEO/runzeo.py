@@ -384,17 +384,21 @@ class ZEOServer:
         write_pid = o.pid_filename and not o.read_only
         if write_pid:
             check_pid_file(o.pid_filename)
+            # Written before binding: whoever sees the server answer can read its pid.
+            try:
+                with open(o.pid_filename, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as e:
+                raise StartupError(f"cannot write pid file: {_one_line(e)}")
+            self._pid_written = True
         try:
             for spec in o.storages:
                 self.storages[spec.storage_id] = self._open_storage(spec)
             self.server = self._make_server()
         except BaseException:
             self._close_storages()
+            self._remove_pid_file()
             raise
-        if write_pid:
-            with open(o.pid_filename, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self._pid_written = True
         logger.info("%s", self.start_message())
 
     def _open_storage(self, spec: StorageSpec):
@@ -502,13 +506,17 @@ class ZEOServer:
                 self.server.close()
             else:
                 self._close_storages()
-            if self._pid_written:
-                try:
-                    os.remove(self.options.pid_filename)
-                except OSError:
-                    pass
+            self._remove_pid_file()
             self._closed.set()
             logger.info("server stopped")
+
+    def _remove_pid_file(self) -> None:
+        if self._pid_written:
+            self._pid_written = False
+            try:
+                os.remove(self.options.pid_filename)
+            except OSError:
+                pass
 
     def _close_storages(self) -> None:
         for storage in self.storages.values():
