@@ -381,3 +381,45 @@ def test_sample_config_parses_unchanged(tmp_path, monkeypatch):
     assert [s.storage_id for s in o.storages] == ["1"]
     assert o.storages[0].paths == [os.path.join(".", "var", "Data.fs")]
     assert o.eventlog is not None
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+def test_tls_server_from_config(tmp_path, servers):
+    """<ssl> in <zeo>: clients must present a certificate signed by the configured CA."""
+    import socket as socketmod
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem"))
+    port = free_port()
+    conf = (f"<zeo>\n  address 127.0.0.1:{port}\n  <ssl>\n"
+            f"    certificate {tmp_path / 'server.pem'}\n"
+            f"    authenticate {tmp_path / 'ca.pem'}\n  </ssl>\n</zeo>\n<mappingstorage/>\n")
+    s = start(tmp_path, conf, ("127.0.0.1", port))
+    servers.append(s)
+
+    def greeting(with_client_cert: bool) -> bytes:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        if with_client_cert:
+            client = ca.issue_cert("client@example.com")
+            client.configure_cert(ctx)
+        with socketmod.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                data = b""
+                while len(data) < 6:
+                    chunk = tls.recv(6 - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+                return data
+
+    assert greeting(True) == b"\0\0\0\x02Z5"
+    assert "TLS" in [ln for ln in s.log().splitlines() if "serving" in ln][0]
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        if greeting(False) != b"\0\0\0\x02Z5":
+            raise ConnectionError("refused")
