@@ -72,9 +72,6 @@ class SocketTransport:
 def open_transport(addr: Any, timeout: float, ssl_context: Any = None,
                    server_hostname: str | None = None) -> tuple[Transport, Any]:
     """Connect to ``addr``; return ``(transport, peer address)``.  Raises ``OSError``."""
-    if ssl_context is not None:
-        raise NotImplementedError(
-            "TLS is not implemented in the zeo-ng client yet (ssl= was given)")
     if isinstance(addr, str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -88,6 +85,14 @@ def open_transport(addr: Any, timeout: float, ssl_context: Any = None,
         sock = socket.create_connection(addr, timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = sock.getpeername()[:2]
+    if ssl_context is not None:  # TLS: ZEO.client.tls
+        from .tls import open_tls_transport
+
+        try:
+            return open_tls_transport(sock, peer, ssl_context, server_hostname, timeout), peer
+        except BaseException:
+            sock.close()
+            raise
     sock.settimeout(None)
     return SocketTransport(sock), peer
 
@@ -173,7 +178,16 @@ class Connection:
             if isinstance(transport, SocketTransport):
                 transport.sock.settimeout(timeout)
             while not greeted:
-                data = transport.recv(RECV_SIZE)
+                try:
+                    data = transport.recv(RECV_SIZE)
+                except TimeoutError:
+                    if ssl_context is None:  # a TLS server waits for our ClientHello
+                        from .tls import TLSError
+
+                        raise TLSError(
+                            f"{addr!r} sent no ZEO greeting within {timeout} s: if it is "
+                            "a TLS server, connect with ssl=") from None
+                    raise
                 if not data:
                     raise ConnectionError(f"{addr!r} closed the connection before the greeting")
                 for event in protocol.receive_data(data):

@@ -19,6 +19,7 @@ from ZEO.Exceptions import ClientDisconnected
 from ZEO.interfaces import StaleCache
 
 from .connection import Connection
+from .tls import TLSError
 
 if TYPE_CHECKING:
     from .storage import ClientStorage
@@ -117,6 +118,7 @@ class ConnectionManager:
             delay = min(delay * 2, MAX_RETRY)
 
     def _try_addresses(self) -> bool:
+        tls_error: TLSError | None = None
         for addr in list(self.addresses):
             if self._closed:
                 return False
@@ -124,10 +126,10 @@ class ConnectionManager:
                 conn = Connection.open(
                     addr, self.storage, timeout=CONNECT_TIMEOUT, name=self.storage.__name__,
                     ssl_context=self.ssl, server_hostname=self.ssl_server_hostname)
-            except NotImplementedError as e:
+            except TLSError as e:  # a configuration problem: tell a waiting constructor
                 logger.error("%s", e)
-                self.storage._connect_error = e
-                return False
+                tls_error = e
+                continue
             except Exception as e:
                 logger.debug("cannot connect to %r: %s", addr, e)
                 continue
@@ -145,6 +147,8 @@ class ConnectionManager:
                 conn.close()
                 return False
             return True
+        if tls_error is not None:  # every address failed, one of them on TLS
+            self.storage._connect_error = tls_error
         return False
 
     def _setup(self, conn: Connection) -> None:
