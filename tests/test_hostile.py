@@ -31,7 +31,7 @@ def server(request, tmp_path_factory):
     srv = start_server(request.param, d, filestorage_conf(d / "Data.fs"))
     srv.kind = request.param
     yield srv
-    srv.stop()
+    srv.stop(timeout=5)  # ZEO 6.2 now and then ignores SIGTERM (zeo-facts §11): then SIGKILL
 
 
 @pytest.fixture(scope="module")
