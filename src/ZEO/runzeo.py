@@ -87,6 +87,7 @@ class ServerOptions:
     admin_socket: str | None = None
     metrics_address: tuple[str, int] | None = None
     ssl_context: Any = None
+    authorization: Any = None  # ZEO.server.auth.Authorization
     eventlog: Any = None  # a ZConfig logger factory, or None
     test: bool = False
 
@@ -164,6 +165,7 @@ def options_from_config(root) -> ServerOptions:
         client_conflict_resolution=z.client_conflict_resolution,
         msgpack=msgpack,
         ssl_context=z.ssl_context,
+        authorization=getattr(z, "authorization", None),
         admin_socket=z.admin_socket,
         metrics_address=tuple(z.metrics.address) if z.metrics is not None else None,
         eventlog=root.eventlog,
@@ -426,6 +428,7 @@ class ZEOServer:
                 invalidation_age=o.invalidation_age,
                 transaction_timeout=o.transaction_timeout,
                 ssl=o.ssl_context,
+                authorization=o.authorization,
                 client_conflict_resolution=o.client_conflict_resolution,
                 msgpack=o.msgpack,
                 admin_socket=o.admin_socket,

@@ -106,6 +106,10 @@ def zeo_section(section: Any) -> Any:
     ``ssl_context`` (an :class:`ssl.SSLContext` or None); the other keys stay as parsed."""
     section.addresses = [address_of(a) for a in section.address]
     section.ssl_context = server_ssl_context(section.ssl) if section.ssl is not None else None
+    if getattr(section, "authorization", None) is not None and section.ssl is None:
+        raise ZConfig.DataConversionError(
+            ValueError("<authorization> needs an <ssl> section: it names client certificates"),
+            section, ("<authorization>", -1, -1))
     return section
 
 

@@ -62,6 +62,7 @@ class Session(asyncio.Protocol):
         self.state: StorageState | None = None
         self.storage: Any = None
         self.read_only = False
+        self.authorized_read_only = False  # ZEO.server.auth: the certificate may only read
         self.txn: ServerTransaction | None = None
         self.closed = False
         self._batch: list[bytes] | None = None
@@ -262,10 +263,19 @@ class Session(asyncio.Protocol):
 
     def register(self, storage_id: str, read_only: Any) -> bytes:
         state = self.server.states.get(storage_id)
+        authorization = self.server.authorization
+        if authorization is not None and state is not None:  # ZEO.server.auth
+            from .auth import NONE, READ_ONLY, identity_of
+
+            access = authorization.access(identity_of(self.transport), storage_id)
+            if access == NONE:
+                state = None  # refused exactly like an unknown storage
+            self.authorized_read_only = access == READ_ONLY
         if state is None:
             raise ValueError(f"unknown storage: {storage_id}")
         read_only = bool(read_only)
-        if not read_only and (self.server.read_only or state.storage.isReadOnly()):
+        if not read_only and (self.server.read_only or state.storage.isReadOnly()
+                              or self.authorized_read_only):
             raise ReadOnlyError()
         self.state = state
         self.storage = state.storage
@@ -348,6 +358,8 @@ class Session(asyncio.Protocol):
 
     def pack(self, t: float, wait: Any = 1) -> Any:
         assert self.state is not None
+        if self.authorized_read_only:  # a read-only connection may pack, not a ro certificate
+            raise ReadOnlyError()
         fut = self.state.pack(t)
         if wait:
             return fut

@@ -516,6 +516,7 @@ class StorageServer:
         invalidation_age: float | None = None,
         transaction_timeout: float | None = None,
         ssl: Any = None,
+        authorization: Any = None,
         client_conflict_resolution: bool = False,
         msgpack: bool | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -550,6 +551,8 @@ class StorageServer:
         self.max_output_buffer = max_output_buffer  # unsent bytes before a client is dropped
         self.unix_socket_mode = unix_socket_mode
         self.ssl = ssl
+        #: ZEO.server.auth.Authorization (checked in Session.register), or None: all may.
+        self.authorization = authorization
         #: Optional observer with ``lock_released(storage_id, wait_s, hold_s)`` (metrics).
         self.observer: Any = None
         self.event_loop = new_event_loop()
