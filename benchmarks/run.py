@@ -301,13 +301,15 @@ def profile_summary(path: Path, top: int = 25) -> str:
 
 def run_group(side: Side, workload: str, server: Server, data_dir: Path, params: dict[str, Any],
               nprocs: int, duration: float, timeout: float, log_dir: Path,
-              profile: Path | None = None) -> tuple[list[dict[str, Any]], float]:
+              profile: Path | None = None, profile_client: bool = False,
+              ) -> tuple[list[dict[str, Any]], float]:
     """Run ``nprocs`` workers together; return their results and the server CPU seconds used.
 
-    With ``profile``, the server is sampled by py-spy during the timed phase into that file.
+    With ``profile``, the server is sampled by py-spy during the timed phase into that file,
+    and with ``profile_client`` the first worker too (into ``<stem>-client0.txt``).
     """
     workers: list[Worker] = []
-    profiler = None
+    profiler = client_profiler = None
     try:
         for i in range(nprocs):
             workers.append(Worker(side, workload, server.addr, data_dir, params, i, nprocs,
@@ -317,6 +319,9 @@ def run_group(side: Side, workload: str, server: Server, data_dir: Path, params:
             w.expect("READY", setup_deadline)
         if profile is not None:
             profiler = Profiler(server.pid, profile)
+            if profile_client:
+                client_profiler = Profiler(
+                    workers[0].proc.pid, profile.with_name(profile.stem + "-client0.txt"))
         cpu0 = server.cpu_seconds()
         start = time.time() + 0.2
         for w in workers:
@@ -328,8 +333,9 @@ def run_group(side: Side, workload: str, server: Server, data_dir: Path, params:
             w.proc.wait(30)
         return results, cpu
     finally:
-        if profiler is not None:
-            profiler.stop()
+        for prof in (profiler, client_profiler):
+            if prof is not None:
+                prof.stop()
         for w in workers:
             w.close()
 
@@ -508,7 +514,7 @@ def run_side_workload(side: Side, server: Server, w: Workload, a: argparse.Names
         if a.profile is not None and side.name in a.profile_sides:
             profile = a.profile / f"r{a.current_round}-{side.name}-{w.name}.txt"
         results, cpu = run_group(side, w.worker, server, data_dir, params, w.nprocs,
-                                 w.duration(a), w.timeout, log_dir, profile)
+                                 w.duration(a), w.timeout, log_dir, profile, a.profile_clients)
         metrics = w.extract(results)
         ops = w.cpu_ops(results)
         metrics[cpu_metric(w).name] = cpu / ops * 1e6 if ops else None
@@ -637,6 +643,18 @@ def machine(infos: dict[str, Any]) -> dict[str, Any]:
             "runner_python": platform.python_version(), "sides": infos}
 
 
+def git_state() -> dict[str, Any]:
+    """The commit the run measured, and whether src/ had uncommitted changes."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
+                                  text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return {"head": git("rev-parse", "HEAD"),
+            "src_changes": git("status", "--porcelain", "--", "src").splitlines()}
+
+
 def info(side: Side, tmp: Path) -> dict[str, Any]:
     """Versions seen by a side's client interpreter (runs the ``info`` workload, no server)."""
     d = tmp / f"info-{side.name}"
@@ -675,7 +693,9 @@ def main(argv: list[str] | None = None) -> int:
                    "raw stacks and a top-functions summary to DIR (slows that server: do not "
                    "quote the ratios of a profiled run)")
     p.add_argument("--profile-both", action="store_true",
-                   help="with --profile, sample the reference server too")
+                   help="with --profile, sample the reference side too")
+    p.add_argument("--profile-clients", action="store_true",
+                   help="with --profile, also sample the first client process of each workload")
     a = p.parse_args(argv)
     rounds = a.rounds if a.rounds is not None else (1 if a.quick else 5)
 
@@ -684,7 +704,11 @@ def main(argv: list[str] | None = None) -> int:
     ref = Side("ref", ref_python, [ref_runzeo], {})
     if a.self_test:
         a.server = a.client = "ref"
-    src = {"PYTHONPATH": str(REPO / "src")}
+    # A snapshot of src/, so edits made in the working tree during the run do not leak into it.
+    tmp = Path(tempfile.mkdtemp(prefix="zeo-bench-"))
+    shutil.copytree(REPO / "src", tmp / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    src = {"PYTHONPATH": str(tmp / "src")}
     name = {("ours", "ours"): "ours", ("ours", "ref"): "oursrv", ("ref", "ours"): "ourcli",
             ("ref", "ref"): "ref2"}[a.server, a.client]
     ours = Side(
@@ -709,7 +733,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         selected = list(WORKLOADS)
 
-    tmp = Path(tempfile.mkdtemp(prefix="zeo-bench-"))
     started = datetime.datetime.now()
     try:
         infos = {s.name: info(s, tmp) for s in sides}
@@ -727,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         mach = machine(infos)
         doc = {"started": started.isoformat(timespec="seconds"),
                "elapsed_s": time.monotonic() - t0, "argv": sys.argv[1:], "rounds": rounds,
-               "quick": a.quick, "self_test": a.self_test, "machine": mach,
+               "quick": a.quick, "self_test": a.self_test, "machine": mach, "git": git_state(),
                "summary": summary, "results": results}
         out = a.json or HERE / "results" / f"{started:%Y%m%d-%H%M%S}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -753,8 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd, s, wn, err in failed:
             print(f"n/a: round {rnd} {s} {wn}: {err}")
         if a.profile is not None:
-            parts = [profile_summary(f) for f in sorted(a.profile.glob("r*-*.txt"))
-                     if not f.name.endswith(".summary.txt")]
+            parts = [profile_summary(f) for f in sorted(a.profile.glob("r*-*.txt"))]
             (a.profile / "summary.txt").write_text("\n\n".join(parts) + "\n")
             print(f"profiles (PROFILED RUN: ratios are skewed): {a.profile / 'summary.txt'}")
     finally:
