@@ -242,7 +242,13 @@ class Worker:
 class Profiler:
     """``py-spy record`` of a server process (all threads), raw collapsed stacks to ``path``."""
 
-    def __init__(self, pid: int, path: Path, rate: int = 250) -> None:
+    MODES = {
+        "gil": ["--gil", "--nonblocking"],  # only the thread holding the GIL: CPU spent in Python
+        "active": ["--nonblocking"],  # every thread that is not idle (includes fsync, waits)
+        "native": ["--gil", "--native"],  # with C frames (uvloop, syscalls); pauses the target
+    }
+
+    def __init__(self, pid: int, path: Path, mode: str = "gil", rate: int = 250) -> None:
         exe = shutil.which("py-spy")
         if exe is None:
             raise RuntimeError("--profile needs py-spy: pip install py-spy")
@@ -250,7 +256,7 @@ class Profiler:
         self._log = open(path.with_suffix(".log"), "ab")
         self.proc = subprocess.Popen(
             [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
-             "--threads", "--nonblocking", "--output", str(path)],
+             "--threads", *self.MODES[mode], "--output", str(path)],
             stdout=self._log, stderr=subprocess.STDOUT)
         time.sleep(0.5)  # let it attach before the timed phase starts
 
@@ -288,7 +294,7 @@ def profile_summary(path: Path, top: int = 25) -> str:
             total[f] = total.get(f, 0) + c
     if not n:
         return f"{path.name}: no samples"
-    lines = [f"{path.name}: {n} samples (busy threads only)", "  by thread:"]
+    lines = [f"{path.name}: {n} samples", "  by thread:"]
     lines += [f"    {c / n:6.1%}  {t}" for t, c in sorted(threads.items(), key=lambda x: -x[1])]
     lines.append("  own time:")
     lines += [f"    {c / n:6.1%}  {f}" for f, c in sorted(own.items(), key=lambda x: -x[1])[:top]]
@@ -302,7 +308,7 @@ def profile_summary(path: Path, top: int = 25) -> str:
 def run_group(side: Side, workload: str, server: Server, data_dir: Path, params: dict[str, Any],
               nprocs: int, duration: float, timeout: float, log_dir: Path,
               profile: Path | None = None, profile_client: bool = False,
-              ) -> tuple[list[dict[str, Any]], float]:
+              profile_mode: str = "gil") -> tuple[list[dict[str, Any]], float]:
     """Run ``nprocs`` workers together; return their results and the server CPU seconds used.
 
     With ``profile``, the server is sampled by py-spy during the timed phase into that file,
@@ -318,10 +324,11 @@ def run_group(side: Side, workload: str, server: Server, data_dir: Path, params:
         for w in workers:
             w.expect("READY", setup_deadline)
         if profile is not None:
-            profiler = Profiler(server.pid, profile)
+            profiler = Profiler(server.pid, profile, profile_mode)
             if profile_client:
                 client_profiler = Profiler(
-                    workers[0].proc.pid, profile.with_name(profile.stem + "-client0.txt"))
+                    workers[0].proc.pid, profile.with_name(profile.stem + "-client0.txt"),
+                    profile_mode)
         cpu0 = server.cpu_seconds()
         start = time.time() + 0.2
         for w in workers:
@@ -514,7 +521,8 @@ def run_side_workload(side: Side, server: Server, w: Workload, a: argparse.Names
         if a.profile is not None and side.name in a.profile_sides:
             profile = a.profile / f"r{a.current_round}-{side.name}-{w.name}.txt"
         results, cpu = run_group(side, w.worker, server, data_dir, params, w.nprocs,
-                                 w.duration(a), w.timeout, log_dir, profile, a.profile_clients)
+                                 w.duration(a), w.timeout, log_dir, profile, a.profile_clients,
+                                 a.profile_mode)
         metrics = w.extract(results)
         ops = w.cpu_ops(results)
         metrics[cpu_metric(w).name] = cpu / ops * 1e6 if ops else None
@@ -542,28 +550,43 @@ def run_round(r: int, sides: list[Side], selected: list[Workload], a: argparse.N
     log(f"round {r + 1}: order {' -> '.join(s.name for s in order)}")
     busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
     servers: dict[str, Server] = {}
+    down: dict[str, str] = {}  # side -> why its server is not running
     out: dict[str, Any] = {"round": r + 1, "order": [s.name for s in order],
                            "sides": {s.name: {"workloads": {}, "metrics": {}} for s in sides}}
+
+    def start(s: Side, directory: Path) -> None:
+        try:
+            servers[s.name] = start_server(s, directory)
+            down.pop(s.name, None)
+        except Exception as e:  # a side that cannot start must not sink the other one
+            down[s.name] = f"server did not start: {e}"
+            log(f"  {s.name}: {down[s.name][:300]}")
+
     try:
         for s in order:
             d = tmp / f"round{r + 1}" / s.name
-            servers[s.name] = start_server(s, d / "server")
             (d / "client").mkdir(parents=True, exist_ok=True)
+            start(s, d / "server")
         for w in selected:
             for s in order:
-                server = servers[s.name]
+                server = servers.get(s.name)
                 client_dir = tmp / f"round{r + 1}" / s.name / "client"
-                if not server.alive():  # a crash must not sink the rest of the round
+                if server is not None and not server.alive():  # restart after a crash
                     log(f"  {s.name}: server died, restarting it: {server.log_tail(300)}")
                     server.stop()
-                    server = servers[s.name] = start_server(s, server.directory)
-                res = run_side_workload(s, server, w, a, client_dir, client_dir)
+                    del servers[s.name]
+                    start(s, server.directory)
+                    server = servers.get(s.name)
+                if server is None:
+                    res = {"metrics": {}, "error": down[s.name]}
+                else:
+                    res = run_side_workload(s, server, w, a, client_dir, client_dir)
                 side_out = out["sides"][s.name]
                 side_out["workloads"][w.name] = res
                 side_out["metrics"].update(res["metrics"])
         for s in order:
-            server = servers[s.name]
-            if server.alive():
+            server = servers.get(s.name)
+            if server is not None and server.alive():
                 mem = server.memory_mib()
                 out["sides"][s.name]["metrics"].update(
                     {"server_rss_mib": mem.get("VmRSS"), "server_hwm_mib": mem.get("VmHWM")})
@@ -694,6 +717,9 @@ def main(argv: list[str] | None = None) -> int:
                    "quote the ratios of a profiled run)")
     p.add_argument("--profile-both", action="store_true",
                    help="with --profile, sample the reference side too")
+    p.add_argument("--profile-mode", choices=list(Profiler.MODES), default="gil",
+                   help="gil: where the CPU goes (the GIL holder); active: every busy thread, "
+                   "blocking calls included; native: gil with C frames (default gil)")
     p.add_argument("--profile-clients", action="store_true",
                    help="with --profile, also sample the first client process of each workload")
     a = p.parse_args(argv)
