@@ -270,7 +270,7 @@ def test_transport_concurrent_send_and_recv(certs):
                                    None, timeout=30)
     assert isinstance(transport, TLSTransport) and isinstance(transport, SocketTransport)
     sock.settimeout(60)
-    chunks = [os.urandom(1 + i * 997 % 70000) for i in range(300)]
+    chunks = [os.urandom(1 + i * 997 % 70000) for i in range(300)] + [os.urandom(3 << 20)]
     expected = b"".join(chunks)
     errors: list[BaseException] = []
 

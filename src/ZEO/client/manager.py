@@ -114,6 +114,10 @@ class ConnectionManager:
             if self._try_addresses():
                 delay = FIRST_RETRY
                 continue
+            if self.storage._connect_error is not None:
+                # A TLS failure: retry slowly, so that a constructor waiting for us sees the
+                # error and closes us while we sleep, not while we block in a new attempt.
+                delay = MAX_RETRY
             self._sleep(delay * (1 + random.random() / 2))
             delay = min(delay * 2, MAX_RETRY)
 
@@ -146,6 +150,7 @@ class ConnectionManager:
             if self._closed:
                 conn.close()
                 return False
+            self.storage._connect_error = None
             return True
         if tls_error is not None:  # every address failed, one of them on TLS
             self.storage._connect_error = tls_error

@@ -32,6 +32,7 @@ from ZEO.Exceptions import ClientDisconnected
 from .connection import SocketTransport
 
 RECV_SIZE = 1 << 18
+SEND_PIECE = 1 << 20
 
 #: The start of a plain ZEO greeting frame (``Z5``/``M5``, zeo-facts §1.2).
 _PLAIN_GREETINGS = (b"\x00\x00\x00\x02Z", b"\x00\x00\x00\x02M")
@@ -105,13 +106,16 @@ class TLSTransport(SocketTransport):
                 self._send_lock.release()
 
     def sendall(self, data: bytes) -> None:
-        with self._lock:
-            if self._closed:
-                raise OSError("the TLS transport is closed")
-            self._sslobj.write(data)
-            self._take_outgoing()
+        view = memoryview(data)
         with self._send_lock:
-            self._drain()
+            # In pieces, so that a big store is not held twice in memory (plain + records).
+            for start in range(0, len(view), SEND_PIECE):
+                with self._lock:
+                    if self._closed:
+                        raise OSError("the TLS transport is closed")
+                    self._sslobj.write(view[start:start + SEND_PIECE])
+                    self._take_outgoing()
+                self._drain()
         self._drain_if_free()  # records the reader queued while we held the lock
 
     # -- reading -----------------------------------------------------------------------
