@@ -59,6 +59,7 @@ CLIENT_SCHEMA = '<schema><import package="ZEO"/></schema>'
     ("configuration", "zeo", SERVER_SCHEMA),
     ("configuration", "ssl", SERVER_SCHEMA),
     ("configuration", "metrics", SERVER_SCHEMA),
+    ("security", "authorization", SERVER_SCHEMA),
     ("client", "clientstorage", CLIENT_SCHEMA),
 ])
 def test_reference_lists_every_key(html, page, sectiontype, schema):
