@@ -284,11 +284,7 @@ def test_second_register_closes(server, good, letter):
 @pytest.mark.parametrize("letter", [b"Z", b"M"])
 @pytest.mark.parametrize("name", ["no_such_method", "load", "undo", "__init__", "_commit",
                                   "close", "ruok", ".reply"])
-def test_unknown_method_closes(request, server, good, letter, name):
-    if name == ".reply" and server.kind == "ours":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "difference reported to lead: real ZEO 6.2 closes a connection that sends a "
-            "'.reply' with a msgid other than -1; ours ignores it (session._handle_call)")))
+def test_unknown_method_closes(server, good, letter, name):
     with RawClient(server.addr) as evil:
         evil.handshake(letter)
         evil.register("1", False)

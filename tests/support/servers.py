@@ -55,6 +55,9 @@ class ServerProcess:
         self.addr = addr
         self.log_path = log_path
         full_env = dict(os.environ)
+        if argv[0] != sys.executable:
+            # The reference venv must import its own ZEO, never ours from PYTHONPATH.
+            full_env.pop("PYTHONPATH", None)
         if env:
             full_env.update(env)
         self._log = open(log_path, "ab")

@@ -205,9 +205,7 @@ class Session(asyncio.Protocol):
     def _handle_call(self, msg: tuple) -> None:
         msgid, flags, name, args = msg
         self.calls += 1
-        if name == ".reply":
-            return  # a stray reply (e.g. a heartbeat variant): nothing to do
-        meth = self._methods.get(name)
+        meth = self._methods.get(name)  # ".reply" is never a method: a client sends none
         if meth is None:
             logger.error("(%s) invalid method %r, closing", self.label, name)
             self.close()
@@ -224,11 +222,12 @@ class Session(asyncio.Protocol):
             self._log_failure(name, exc)
             self.write(self.conn.send_error(msgid, exc))
             return
-        if flags:
-            return
         if asyncio.isfuture(result):
-            result.add_done_callback(lambda fut: self._deferred_reply(msgid, name, fut))
-        else:
+            if flags:
+                result.add_done_callback(lambda fut: self._deferred_oneway(name, fut))
+            else:
+                result.add_done_callback(lambda fut: self._deferred_reply(msgid, name, fut))
+        elif not flags:
             self._reply(msgid, result)
 
     def _reply(self, msgid: Any, result: Any) -> None:
@@ -238,10 +237,18 @@ class Session(asyncio.Protocol):
             logger.error("(%s) reply too large: %s", self.label, e)
             self.write(self.conn.send_error(msgid, ValueError(str(e))))
 
+    def _deferred_oneway(self, name: str, fut: asyncio.Future) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None and not self.closed:
+            logger.error("(%s) one-way call %r failed, closing: %r", self.label, name, exc)
+            self.close()
+
     def _deferred_reply(self, msgid: Any, name: str, fut: asyncio.Future) -> None:
-        if self.closed or fut.cancelled():
+        if fut.cancelled():
             return
-        exc = fut.exception()
+        exc = fut.exception()  # always retrieved, even when nobody is left to tell
+        if self.closed:
+            return
         if exc is not None:
             self._log_failure(name, exc)
             self.write(self.conn.send_error(msgid, exc))
@@ -344,7 +351,8 @@ class Session(asyncio.Protocol):
         return self._offload(lambda: [new_oid() for _ in range(n)])
 
     def new_oid(self) -> None:
-        raise AttributeError("'Session' object has no attribute 'new_oid'")
+        # Registered but never implemented, in ZEO too: the same error as ZEO's.
+        raise AttributeError("'ZEOStorage' object has no attribute 'new_oid'")
 
     def undoLog(self, first: int = 0, last: int = -20) -> Any:
         if not self.state.supports_undo:  # type: ignore[union-attr]
