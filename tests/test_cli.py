@@ -168,6 +168,24 @@ def test_msgpack_answer(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["ours", "ref"])
+def test_msgpack_server_and_second_storage(kind, tmp_path):
+    tids = make_data(tmp_path / "a.fs")
+    storages = filestorage_conf(tmp_path / "a.fs", "main") + "\n" + filestorage_conf(
+        tmp_path / "b.fs", "other")
+    with start_server(kind, tmp_path, storages, "  msgpack true") as srv:
+        text = f"{srv.addr[0]}:{srv.addr[1]}"
+        assert zeo(text).stdout.startswith(
+            f"ZEO server at {text}: protocol M5, storages: main, other\n")
+        assert zeo(text, "-s", "main", "lastTransaction").stdout == tids["second"].hex() + "\n"
+        assert zeo(text, "-s", "other", "lastTransaction").stdout == z64.hex() + "\n"
+        rows = zeo(text, "status").stdout.splitlines()[1:3]
+        assert [r.split()[0] for r in rows] == ["main", "other"]
+        assert rows[0].split()[-1] == tids["second"].hex()
+        r = zeo(text, "lastTransaction", check_status=1)  # there is no storage "1"
+        assert "unknown storage: 1" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["ours", "ref"])
 def test_pack_over_unix_socket(kind, tmp_path):
     tids = make_data(tmp_path / "Data.fs")
     sock = str(tmp_path / "zeo.sock")
