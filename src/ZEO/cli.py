@@ -10,7 +10,7 @@ Usage::
 
 ADDRESS is ``host:port``, ``port``, ``[v6]:port`` or a Unix socket path.  Exit status: 0 on
 success, 1 when the server answered with an error, 2 for a usage error, 3 when the server
-cannot be reached or closed the connection.
+cannot be reached or closed the connection, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -571,6 +571,9 @@ def run(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> 
     except RemoteError as e:
         print(f"zeo: server error: {format_error(e)}", file=err)
         return EXIT_REMOTE_ERROR
+    except KeyboardInterrupt:
+        print("zeo: interrupted", file=err)
+        return 130
     except (OSError, Closed, ssl.SSLError) as e:
         what = "connection closed by the server" if isinstance(e, Closed) else str(e)
         where = getattr(args, "address", "?") if "args" in locals() else "?"
