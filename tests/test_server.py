@@ -14,30 +14,14 @@ import time
 
 import pytest
 from persistent.mapping import PersistentMapping
-from ZODB.FileStorage import FileStorage
 from ZODB.MappingStorage import MappingStorage
 from ZODB.utils import p64, z64
 
 from support.wire import RemoteError, WireClient
-from ZEO.server import StorageServer
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def make_server(tmp_path):
-    servers = []
-
-    def make(**kw):
-        storages = kw.pop("storages", None) or {"1": FileStorage(str(tmp_path / "Data.fs"))}
-        server = StorageServer(("127.0.0.1", 0), storages, **kw)
-        server.start_thread()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.close()
 
 
 def connect(server, storage="1", read_only=False, protocol=None):

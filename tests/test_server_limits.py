@@ -6,29 +6,14 @@ import os
 import stat
 
 import pytest
-from ZODB.FileStorage import FileStorage
 from ZODB.utils import p64, z64
 
 from support.wire import Closed, WireClient
-from ZEO.server import StorageServer
 
 pytestmark = pytest.mark.timeout(60)
 MAXTID = p64(2**63 - 1)
 
 
-@pytest.fixture
-def make_server(tmp_path):
-    servers = []
-
-    def make(addr=("127.0.0.1", 0), **kw):
-        server = StorageServer(addr, {"1": FileStorage(str(tmp_path / "Data.fs"))}, **kw)
-        server.start_thread()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.close()
 
 
 def connect(server):

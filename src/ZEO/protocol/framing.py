@@ -41,36 +41,29 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
-        if not buf and len(data) >= 4:
-            # Fast path: whole frames straight out of ``data`` without copying into the buffer.
-            out = []
-            pos = 0
-            end = len(data)
-            max_size = self.max_size
-            while end - pos >= 4:
-                (n,) = _unpack_header(data, pos)
-                if n > max_size:
-                    raise FrameTooLarge(f"frame of {n} bytes exceeds the limit of {max_size}")
-                if end - pos - 4 < n:
-                    break
-                out.append(bytes(data[pos + 4 : pos + 4 + n]))
-                pos += 4 + n
-            if pos < end:
+        if buf:
+            buf += data
+            out, pos = self._split(buf)
+            del buf[:pos]
+        else:
+            # Whole frames come straight out of ``data``; only a partial tail is copied.
+            out, pos = self._split(data)
+            if pos < len(data):
                 buf += data[pos:]
-            return out
-        buf += data
+        return out
+
+    def _split(self, data: bytes | bytearray) -> tuple[list[bytes], int]:
+        """The complete frames at the start of ``data`` and the offset where they end."""
         out = []
         pos = 0
-        end = len(buf)
+        end = len(data)
         max_size = self.max_size
         while end - pos >= 4:
-            (n,) = _unpack_header(buf, pos)
+            (n,) = _unpack_header(data, pos)
             if n > max_size:
                 raise FrameTooLarge(f"frame of {n} bytes exceeds the limit of {max_size}")
             if end - pos - 4 < n:
                 break
-            out.append(bytes(buf[pos + 4 : pos + 4 + n]))
+            out.append(bytes(data[pos + 4 : pos + 4 + n]))
             pos += 4 + n
-        if pos:
-            del buf[:pos]
-        return out
+        return out, pos
