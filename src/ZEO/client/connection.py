@@ -129,13 +129,15 @@ CLIENT_REPLY_GLOBALS = CLIENT_ALLOWED_GLOBALS | _exception_globals()
 class Call:
     """One pending two-way call.  Several waiters may share it (request collapsing)."""
 
-    __slots__ = ("msgid", "name", "on_reply", "_lock", "_done", "value", "exc")
+    __slots__ = ("msgid", "name", "on_reply", "after_reply", "_lock", "_done", "value", "exc")
 
     def __init__(self, msgid: Any, name: str,
-                 on_reply: Callable[[Any], Any] | None = None) -> None:
+                 on_reply: Callable[[Any], Any] | None = None,
+                 after_reply: Callable[[Any], None] | None = None) -> None:
         self.msgid = msgid
         self.name = name
-        self.on_reply = on_reply
+        self.on_reply = on_reply  # reader thread, before the waiters wake
+        self.after_reply = after_reply  # reader thread, after they woke (nothing to wait for)
         self._lock = _thread.allocate_lock()
         self._lock.acquire()
         self._done = False
@@ -244,7 +246,7 @@ class Connection:
     # -- sending -----------------------------------------------------------------------------
 
     def call(self, name: str, *args: Any, on_reply: Callable[[Any], Any] | None = None,
-             msgid: Any = None) -> Call:
+             msgid: Any = None, after_reply: Callable[[Any], None] | None = None) -> Call:
         """Send a two-way call and return its :class:`Call` (not waited for).
 
         With an explicit ``msgid`` (``loadBefore``'s ``(oid, tid)``), an identical call still
@@ -261,7 +263,7 @@ class Connection:
                 existing = self._pending.get(msgid)
                 if existing is not None:
                     return existing
-                call = Call(msgid, name, on_reply)
+                call = Call(msgid, name, on_reply, after_reply)
                 self._pending[msgid] = call
             try:
                 self.transport.sendall(self.protocol.send_call(msgid, name, args))
@@ -270,6 +272,33 @@ class Connection:
                     self._pending.pop(msgid, None)
                 raise ClientDisconnected(f"{name}: {e}") from e
         return call
+
+    def call_many(self, name: str, calls: list[tuple[Any, tuple, Callable[[Any], Any]]]) -> None:
+        """Send several two-way calls ``(msgid, args, on_reply)`` in one write, not waited for.
+
+        A msgid already pending is skipped (its reply serves both).
+        """
+        with self._send_lock:
+            if self.closed:
+                raise ClientDisconnected(f"connection to {self.peer!r} is closed")
+            frames = []
+            with self._pending_lock:
+                for msgid, args, on_reply in calls:
+                    if msgid in self._pending:
+                        continue
+                    self._pending[msgid] = Call(msgid, name, on_reply)
+                    frames.append(self.protocol.send_call(msgid, name, args))
+            if not frames:
+                return
+            try:
+                self.transport.sendall(b"".join(frames))
+            except OSError as e:
+                raise ClientDisconnected(f"{name}: {e}") from e
+
+    def pending(self, msgid: Any) -> Call | None:
+        """The pending call with ``msgid``, if any."""
+        with self._pending_lock:
+            return self._pending.get(msgid)
 
     def call_sync(self, name: str, *args: Any, timeout: float | None = None) -> Any:
         return self.call(name, *args).wait(timeout)
@@ -372,6 +401,11 @@ class Connection:
                     call._finish(exc=e)
                     return
             call._finish(value)
+            if call.after_reply is not None:
+                try:
+                    call.after_reply(value)
+                except Exception:
+                    logger.exception("after-reply hook of %s failed", call.name)
             return
         if not flags:
             raise ProtocolError(f"server sent a two-way call {name!r}")

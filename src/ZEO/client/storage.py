@@ -27,6 +27,7 @@ from ZODB.POSException import (
     ReadOnlyError,
     StorageTransactionError,
 )
+from ZODB.serialize import referencesf
 from ZODB.utils import z64
 
 from ZEO.Exceptions import ClientDisconnected
@@ -99,6 +100,7 @@ class ClientStorage(ConflictResolvingStorage):
         password: Any = None,
         realm: Any = None,
         _client_factory: Any = None,
+        prefetch_references: int = 32,
     ) -> None:
         self._addr = addr
         addresses = normalize_addresses(addr)
@@ -110,6 +112,9 @@ class ClientStorage(ConflictResolvingStorage):
         self._wait_timeout = 30.0 if wait_timeout is None else float(wait_timeout)
         self._client_label = client_label
         self._server_sync = bool(server_sync)
+        # A cold load of a current record also fetches, pipelined, up to this many uncached
+        # objects it references (a traversal then finds them cached); 0 turns it off.
+        self._prefetch_references = max(0, int(prefetch_references))
         self.blob_dir = blob_dir
         self.shared_blob_dir = shared_blob_dir
         self._tmp_dir: str | None = None
@@ -374,13 +379,49 @@ class ClientStorage(ConflictResolvingStorage):
         return store_in_cache
 
     def _load_call(self, conn: Connection, oid: bytes, tid: bytes) -> Call:
-        return conn.call("loadBefore", oid, tid, msgid=(oid, tid), on_reply=self._load_hook(oid))
+        after = self._prefetch_hook(conn) if self._prefetch_references else None
+        return conn.call("loadBefore", oid, tid, msgid=(oid, tid), on_reply=self._load_hook(oid),
+                         after_reply=after)
+
+    def _prefetch_hook(self, conn: Connection):
+        def prefetch_references(result: Any) -> None:  # reader thread, caller already woken
+            if result is None or result[2] is not None:
+                return  # only a current record says what is current to fetch
+            try:
+                refs = referencesf(result[0])
+            except Exception:
+                return  # not a plain ZODB record (e.g. transformed data): nothing to do
+            cache = self._cache
+            calls = []
+            for ref in dict.fromkeys(refs):
+                if cache.load(ref) is None:
+                    calls.append(((ref, MAXTID), (ref, MAXTID), self._load_hook(ref)))
+                    if len(calls) >= self._prefetch_references:
+                        break
+            if calls:
+                try:
+                    conn.call_many("loadBefore", calls)
+                except ClientDisconnected:
+                    pass
+
+        return prefetch_references
 
     def loadBefore(self, oid: bytes, tid: bytes):
-        r = self._cache.loadBefore(oid, tid)
+        cache = self._cache
+        r = cache.loadBefore(oid, tid)
         if r is not None:
             return r
-        return self._load_call(self._connection(), oid, tid).wait()
+        conn = self._connection()
+        prefetching = conn.pending((oid, MAXTID)) if tid != MAXTID else None
+        if prefetching is not None:
+            try:
+                prefetching.wait()
+            except Exception:
+                pass  # fall back to a load of our own
+            r = cache.loadBefore(oid, tid)
+            if r is not None:
+                return r
+        return self._load_call(conn, oid, tid).wait()
 
     def load(self, oid: bytes, version: str = ""):
         r = self._cache.load(oid)
