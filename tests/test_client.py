@@ -52,7 +52,15 @@ def make_server(tmp_path):
 
     yield make
     for srv in servers:
-        srv.stop()
+        stop(srv)
+
+
+def stop(srv) -> None:
+    """Stop a server process; the reference one is killed outright, because ZEO 6.2 often
+    misses a SIGTERM that lands while it handles a client disconnect (zeo-facts §11)."""
+    if "zeo-ref" in srv.argv[0]:
+        srv.proc.kill()
+    srv.stop(timeout=10)
 
 
 @pytest.fixture
@@ -253,7 +261,7 @@ def test_disconnect_poisons_transaction_then_reconnects(make_server, closing, ki
     meta = TransactionMetaData()
     st.tpc_begin(meta)
     st.store(st.new_oid(), z64, b"data", "", meta)
-    srv.stop()
+    stop(srv)
     wait_until(lambda: not st.is_connected(), what="disconnect")
     with pytest.raises(ClientDisconnected):
         st.tpc_vote(meta)
@@ -265,7 +273,7 @@ def test_disconnect_poisons_transaction_then_reconnects(make_server, closing, ki
     assert read_value(db, "x") == 1
     commit_value(db, "x", 3)
     assert read_value(db, "x") == 3
-    srv2.stop()
+    stop(srv2)
 
 
 def test_read_only(make_server, closing, kind):
