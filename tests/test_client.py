@@ -357,3 +357,19 @@ def test_zodb_db_uses_client_as_is(make_server, closing, kind):
     transaction.begin()
     assert read_value(db, "n") == 2
     conn.close()
+
+
+def test_unix_socket_and_address_list(make_server, closing, kind, tmp_path):
+    import ZODB.interfaces
+
+    path = str(tmp_path / "zeo.sock")
+    make_server(kind, addr=path)
+    dead = ("127.0.0.1", free_port())
+    st = closing(ClientStorage([dead, path]))  # the dead address is skipped
+    assert st.is_connected() and st._server_addr == path
+    assert ZODB.interfaces.IStorageUndoable.providedBy(st)
+    assert ZODB.interfaces.IStorageIteration.providedBy(st)
+    assert ZODB.interfaces.IMultiCommitStorage.providedBy(st)
+    db = closing(ZODB.DB(st))
+    tid = commit_value(db, "x", 1)
+    assert [t.tid for t in st.iterator()][-1] == tid
