@@ -44,18 +44,11 @@ from ZEO.ClientStorage import ClientStorage
 
 pytestmark = pytest.mark.timeout(180)
 
-_NEEDS_SERVER_IMPORT = (
-    "undo needs conflict resolution *on the server*, which must import the test's PCounter "
-    "classes from ZODB.tests; the reference venv lacks zope.testing, so ZODB.tests cannot be "
-    "imported there (an environment limit of the reference server, not a client behaviour)")
 _MAPPING_NO_UNDO = "MappingStorage does not support undo"
 _MAPPING_NO_TID = "MappingStorage.tpc_begin takes no tid (restore-style commits)"
 
 #: (server kind or "*", storage kind or "*", test name) -> why it is not run there.
 EXCLUDED: dict[tuple[str, str, str], str] = {
-    ("ref", "filestorage", "testUndoConflictResolution"): _NEEDS_SERVER_IMPORT,
-    ("ref", "filestorage", "testUndoMultipleConflictResolution"): _NEEDS_SERVER_IMPORT,
-    ("ref", "filestorage", "testUndoMultipleConflictResolutionReversed"): _NEEDS_SERVER_IMPORT,
     ("*", "mappingstorage", "testLoadBeforeUndo"): _MAPPING_NO_UNDO,
     ("*", "mappingstorage", "testLoadBeforeConsecutiveTids"): _MAPPING_NO_TID,
 }

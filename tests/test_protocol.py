@@ -732,3 +732,20 @@ def test_protocol_error_hierarchy():
     assert issubclass(RemoteProtocolError, ProtocolViolation)
     assert issubclass(LocalProtocolError, ProtocolViolation)
     assert not issubclass(RemoteProtocolError, LocalProtocolError)
+
+
+def test_client_decoder_accepts_nested_exceptions_the_server_refuses():
+    # ZEO 6.2 pickles MultipleUndoErrors' nested errors with ZODB.POSException._recon.
+    from ZODB.POSException import UndoError, _recon
+
+    from ZEO.protocol import codec_for_letter
+
+    inner = UndoError("cannot undo", b"\0" * 8)
+    payload = PickleCodec().encode(  # memo-less, as a ZEO server writes it
+        (5, 2, ".reply", ("ZODB.POSException.MultipleUndoErrors", {"_errs": [inner]})))
+    assert b"_recon" in payload
+    msgid, flags, name, (cls, state) = codec_for_letter(b"Z", server=False).decode(payload)
+    assert (msgid, flags, cls) == (5, 2, "ZODB.POSException.MultipleUndoErrors")
+    assert isinstance(state["_errs"][0], UndoError) and _recon is not None
+    with pytest.raises(RemoteProtocolError):
+        codec_for_letter(b"Z", server=True).decode(payload)

@@ -15,21 +15,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 REF_VENV = Path(os.environ.get("ZEO_REF_VENV", REPO / ".cache" / "zeo-ref"))
 REF_ZEO_VERSION = "6.2"
-REF_REQUIREMENTS = [f"ZEO=={REF_ZEO_VERSION}", "uvloop", "msgpack"]
+# zope.testing lets the reference server import ZODB.tests' classes (server-side conflict
+# resolution in the undo conformance tests).
+REF_REQUIREMENTS = [f"ZEO=={REF_ZEO_VERSION}", "uvloop", "msgpack", "zope.testing"]
+_MARKER_TEXT = " ".join(REF_REQUIREMENTS)
 
 
 def ref_python() -> Path:
     """Path of the reference venv's python, building the venv first if needed."""
     py = REF_VENV / "bin" / "python"
     marker = REF_VENV / ".complete"
-    if marker.exists() and py.exists():
+    if py.exists() and marker.exists() and marker.read_text() == _MARKER_TEXT:
         return py
     REF_VENV.parent.mkdir(parents=True, exist_ok=True)
     lock_path = REF_VENV.parent / "zeo-ref.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several pytest workers may get here at once
-        if not marker.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(REF_VENV)], check=True)
+        if not (marker.exists() and marker.read_text() == _MARKER_TEXT):
+            if not py.exists():
+                subprocess.run([sys.executable, "-m", "venv", str(REF_VENV)], check=True)
             subprocess.run(
                 [str(py), "-m", "pip", "install", "-q", *REF_REQUIREMENTS],
                 check=True,
@@ -40,7 +44,7 @@ def ref_python() -> Path:
             ).stdout.strip()
             if out != REF_ZEO_VERSION:
                 raise RuntimeError(f"reference venv has ZEO {out}, wanted {REF_ZEO_VERSION}")
-            marker.write_text(out)
+            marker.write_text(_MARKER_TEXT)
     return py
 
 

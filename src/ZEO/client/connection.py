@@ -27,10 +27,8 @@ from typing import Any, Protocol
 
 from ZEO.Exceptions import ClientDisconnected, ProtocolError
 from ZEO.protocol import (
-    CLIENT_ALLOWED_GLOBALS,
     ClientConnection,
     Greeting,
-    PickleCodec,
     ProtocolViolation,
     payload_to_exception,
 )
@@ -99,31 +97,7 @@ def open_transport(addr: Any, timeout: float, ssl_context: Any = None,
     return SocketTransport(sock), peer
 
 
-def _exception_globals() -> frozenset[tuple[str, str]]:
-    """Exception classes a ZEO server may pickle inside an error reply.
 
-    ZEO 6.2 pickles nested exceptions (e.g. the ``_errs`` of ``MultipleUndoErrors``) with
-    ``ZODB.POSException._recon(class, state)``.  We accept that helper and exception classes
-    only: ``_recon`` on an exception class just builds an instance and sets its state.
-    """
-    import builtins
-
-    import transaction.interfaces
-    import ZODB.POSException
-
-    import ZEO.Exceptions
-
-    names = {("ZODB.POSException", "_recon")}
-    for module in (builtins, ZODB.POSException, ZEO.Exceptions, transaction.interfaces):
-        for name, obj in vars(module).items():
-            if isinstance(obj, type) and issubclass(obj, Exception):
-                names.add((module.__name__, name))
-    names.add(("BTrees.Interfaces", "BTreesConflictError"))
-    return frozenset(names)
-
-
-#: What the client's pickle decoder accepts in replies and server calls.
-CLIENT_REPLY_GLOBALS = CLIENT_ALLOWED_GLOBALS | _exception_globals()
 
 
 class Call:
@@ -228,8 +202,6 @@ class Connection:
                         backlog.append(event)
             if isinstance(transport, SocketTransport):
                 transport.sock.settimeout(None)
-            if isinstance(protocol.codec, PickleCodec):
-                protocol.codec = PickleCodec(CLIENT_REPLY_GLOBALS)
             assert protocol.handshake_reply is not None
             transport.sendall(protocol.handshake_reply)
         except ProtocolViolation as e:

@@ -8,6 +8,7 @@ us import or call anything else (ZEO's own server allows all of ``builtins``; we
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import pickle
@@ -27,8 +28,33 @@ SERVER_ALLOWED_GLOBALS = frozenset(
         ("ZopeUndo.Prefix", "Prefix"),
     }
 )
-# Replies and server calls carry plain data only.
+# Replies and server calls carry plain data, and error replies may nest exceptions (ZEO 6.2
+# pickles the ``_errs`` of MultipleUndoErrors with ZODB.POSException._recon): see
+# client_allowed_globals().
 CLIENT_ALLOWED_GLOBALS = frozenset({("zodbpickle", "binary")})
+
+
+@functools.cache
+def client_allowed_globals() -> frozenset[tuple[str, str]]:
+    """What a client's pickle decoder accepts: plain data, exception classes and ``_recon``.
+
+    ``_recon(class, state)`` on an (allowed) exception class only builds an instance and sets
+    its ``__dict__``; building an exception runs no code of consequence.
+    """
+    import builtins
+
+    import transaction.interfaces
+    import ZODB.POSException
+
+    import ZEO.Exceptions
+
+    names = set(CLIENT_ALLOWED_GLOBALS) | {("ZODB.POSException", "_recon")}
+    for module in (builtins, ZODB.POSException, ZEO.Exceptions, transaction.interfaces):
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, Exception):
+                names.add((module.__name__, name))
+    names.add(("BTrees.Interfaces", "BTreesConflictError"))
+    return frozenset(names)
 
 
 class ForbiddenGlobal(RemoteProtocolError):
@@ -134,7 +160,7 @@ Codec = PickleCodec | MsgpackCodec
 
 def codec_for_letter(letter: bytes, *, server: bool) -> Codec:
     """The codec for a handshake letter (``b"Z"`` or ``b"M"``), set up for one side."""
-    allowed = SERVER_ALLOWED_GLOBALS if server else CLIENT_ALLOWED_GLOBALS
+    allowed = SERVER_ALLOWED_GLOBALS if server else client_allowed_globals()
     if letter == b"Z":
         return PickleCodec(allowed)
     if letter == b"M":
