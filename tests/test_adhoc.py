@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import ZEO
 from support.wire import RemoteError, WireClient
 from ZEO import _adhoc
-
-
-def ruok(addr) -> dict:
-    with WireClient(addr, handshake=False) as c:
-        c.send_raw_frame(b"ruok")
-        return json.loads(c.read_raw_frame())
+from ZEO.wire import ruok
 
 
 def commit_one(addr, storage_id: str = "1") -> bytes:
@@ -33,7 +26,7 @@ def test_default_threaded_mapping_storage():
         assert addr[0] == "127.0.0.1" and addr[1] > 0
         with WireClient(addr) as c:
             assert c.greeting == b"Z5"
-        assert list(ruok(addr)) == ["1"]
+        assert list(ruok(addr)[1]) == ["1"]
         assert len(commit_one(addr)) == 8
     finally:
         stop()
@@ -101,7 +94,7 @@ def test_zeo_conf_string_and_storage_conf():
     addr, stop = ZEO.server(storage_conf=storage_conf,
                             zeo_conf="<zeo>\n  transaction-timeout 5\n</zeo>")
     try:
-        status = ruok(addr)
+        status = ruok(addr)[1]
         assert sorted(status) == ["a", "b"]
         assert status["a"]["timeout-thread-is-alive"] is True
     finally:
@@ -112,7 +105,7 @@ def test_log_option(tmp_path):
     log = tmp_path / "server.log"
     addr, stop = ZEO.server(zeo_conf=dict(log=str(log), loglevel="INFO"))
     try:
-        ruok(addr)
+        ruok(addr)[1]
     finally:
         stop()
         import logging

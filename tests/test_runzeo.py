@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,6 +14,7 @@ import pytest
 
 from support.servers import ServerProcess, free_port, wait_for_address
 from support.wire import RemoteError, WireClient
+from ZEO.wire import ruok
 
 REPO = Path(__file__).resolve().parents[1]
 RUNZEO = [sys.executable, "-m", "ZEO.runzeo"]
@@ -41,11 +41,6 @@ def fs_conf(tmp_path: Path, name: str = "1", file: str = "Data.fs") -> str:
     return f"<filestorage {name}>\n  path {tmp_path / file}\n</filestorage>\n"
 
 
-def ruok(addr) -> dict:
-    """The server's JSON status through the ``ruok`` handshake."""
-    with WireClient(addr, handshake=False) as c:
-        c.send_raw_frame(b"ruok")
-        return json.loads(c.read_raw_frame())
 
 
 def wait_exit(server: ServerProcess, timeout: float = 30) -> int:
@@ -87,7 +82,7 @@ def test_tcp_and_unix_socket_at_once(tmp_path, servers):
         with WireClient(addr) as c:
             assert c.greeting == b"Z5"
             assert c.call("register", "1", False) == b"\0" * 8
-    assert list(ruok(sock)) == ["1"]
+    assert list(ruok(sock)[1]) == ["1"]
     log = s.log()
     start_lines = [line for line in log.splitlines() if "serving" in line]
     assert len(start_lines) == 1
@@ -110,7 +105,7 @@ def test_several_storages(tmp_path, servers):
               f"  <filestorage>\n    path {tmp_path / 'b.fs'}\n  </filestorage>\n"
               "</blobstorage>\n")
     servers.append(start(tmp_path, conf, sock))
-    assert sorted(ruok(sock)) == ["blobs", "main", "scratch"]
+    assert sorted(ruok(sock)[1]) == ["blobs", "main", "scratch"]
     for sid in ("main", "scratch", "blobs"):
         with WireClient(sock) as c:
             assert c.call("register", sid, False) == b"\0" * 8
@@ -157,7 +152,7 @@ def test_transaction_timeout_closes_the_lock_holder(tmp_path, servers):
     conf = f"<zeo>\n  address {sock}\n  transaction-timeout 1\n</zeo>\n" + fs_conf(tmp_path)
     s = start(tmp_path, conf, sock)
     servers.append(s)
-    assert ruok(sock)["1"]["timeout-thread-is-alive"] is True
+    assert ruok(sock)[1]["1"]["timeout-thread-is-alive"] is True
     with WireClient(sock, timeout=30) as c:
         c.call("register", "1", False)
         (oid,) = c.call("new_oids", 1)
@@ -183,9 +178,9 @@ def test_command_line_only(tmp_path, servers):
                        str(tmp_path / "b.fs"), "-t", "30", "--pid-file",
                        str(tmp_path / "zeo.pid")], sock, tmp_path / "zeo.log")
     servers.append(s)
-    assert sorted(ruok(sock)) == ["1", "2"]
+    assert sorted(ruok(sock)[1]) == ["1", "2"]
     assert (tmp_path / "zeo.pid").read_text().strip() == str(s.proc.pid)
-    assert ruok(sock)["1"]["timeout-thread-is-alive"] is True
+    assert ruok(sock)[1]["1"]["timeout-thread-is-alive"] is True
 
 
 def test_test_option_exits_at_once(tmp_path):
@@ -241,7 +236,7 @@ def test_stop_signals(tmp_path, servers, sig, status, message):
     # Nothing was committed.
     restarted = start(tmp_path, conf, str(sock), name="again")
     servers.append(restarted)
-    assert ruok(str(sock))["1"]["last-transaction"] == "0" * 16
+    assert ruok(str(sock))[1]["1"]["last-transaction"] == "0" * 16
     assert "taking over" not in restarted.log()
 
 
@@ -262,7 +257,7 @@ def test_sigusr2_reopens_log_files(tmp_path, servers):
         time.sleep(0.05)
     assert "serving" in rotated.read_text()
     assert s.proc.poll() is None
-    ruok(sock)  # still serving
+    ruok(sock)[1]  # still serving
 
 
 def test_sigusr2_without_eventlog_keeps_serving(tmp_path, servers):
@@ -275,7 +270,7 @@ def test_sigusr2_without_eventlog_keeps_serving(tmp_path, servers):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert s.proc.poll() is None
-    assert ruok(sock)
+    assert ruok(sock)[1]
 
 
 # --- refusing to start --------------------------------------------------------------------------
@@ -294,7 +289,7 @@ def test_refuses_a_filestorage_held_by_another_server(tmp_path, servers):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "b.sock").exists()
     assert first.proc.poll() is None
-    assert ruok(sock)
+    assert ruok(sock)[1]
 
 
 def test_refuses_an_address_in_use(tmp_path, servers):
@@ -341,7 +336,7 @@ def test_takes_over_stale_lock_pid_and_socket_files(tmp_path, servers):
     assert f"lock file {tmp_path / 'Data.fs.lock'} of process {pid}" in log
     assert "WARNING" in log
     assert pid_file.read_text().strip() == str(s.proc.pid)
-    assert ruok(str(sock))
+    assert ruok(str(sock))[1]
 
 
 # --- the sample configuration -----------------------------------------------------------------
@@ -358,7 +353,7 @@ def test_sample_config_runs_as_is(tmp_path):
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_address(sock, proc=proc)
-            assert list(ruok(sock)) == ["1"]
+            assert list(ruok(sock)[1]) == ["1"]
             assert (tmp_path / "var" / "Data.fs").exists()
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,15 +10,11 @@ import time
 import pytest
 
 from support.servers import wait_for_address
-from support.wire import WireClient
+from ZEO.wire import ruok
 
 ZEOCTL = [sys.executable, "-m", "ZEO.zeoctl"]
 
 
-def ruok(addr) -> dict:
-    with WireClient(addr, handshake=False) as c:
-        c.send_raw_frame(b"ruok")
-        return json.loads(c.read_raw_frame())
 
 
 @pytest.fixture
@@ -71,7 +66,7 @@ def test_start_status_logreopen_restart_stop(zeoctl, tmp_path):
     wait_for_address(sock)
     pid = program_pid(zeoctl("status").stdout)
     assert (tmp_path / "zeo.pid").read_text().strip() == str(pid)
-    assert list(ruok(sock)) == ["1"]
+    assert list(ruok(sock)[1]) == ["1"]
 
     log = tmp_path / "zeo.log"
     log.rename(tmp_path / "zeo.log.1")
@@ -89,7 +84,7 @@ def test_start_status_logreopen_restart_stop(zeoctl, tmp_path):
     wait_for_address(sock)
     new_pid = program_pid(zeoctl("status").stdout)
     assert new_pid != pid
-    assert list(ruok(sock)) == ["1"]
+    assert list(ruok(sock)[1]) == ["1"]
 
     result = zeoctl("stop")
     assert result.returncode == 0
