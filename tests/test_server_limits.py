@@ -47,8 +47,11 @@ def test_transaction_size_cap_closes_only_that_client(make_server):
     greedy, other = connect(server), connect(server)
     oid = greedy.call("new_oids", 1)[0]
     greedy.async_call("tpc_begin", 1, b"", b"", {}, None, " ")
-    for _ in range(20):
-        greedy.async_call("storea", oid, z64, b"x" * 10_000, 1)
+    try:
+        for _ in range(20):
+            greedy.async_call("storea", oid, z64, b"x" * 10_000, 1)
+    except OSError:
+        pass  # the server may close while we are still sending: that is the point
     assert greedy.is_closed()
     assert server.server_status("1")["active_txns"] == 0
     oid2 = other.call("new_oids", 1)[0]
