@@ -269,6 +269,12 @@ class StorageState:
             logger.log(level, "(%s) waiting for the commit lock of %r, %d waiting",
                        session.label, self.storage_id, waiting)
         await fut  # CancelledError when the transaction is aborted while waiting
+        if txn.aborted:
+            # Aborted after the lock was granted but before this coroutine resumed: abort()
+            # saw WAITING and already ended it.  Going on would begin a storage transaction
+            # nobody ends, and the next tpc_begin on the commit worker would block forever.
+            self._release(txn)
+            return None
         txn.phase = TxnPhase.VOTING
         txn.locked_at = time.time()
         self.lock_granted_at = time.monotonic()
