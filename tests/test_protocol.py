@@ -749,3 +749,24 @@ def test_client_decoder_accepts_nested_exceptions_the_server_refuses():
     assert isinstance(state["_errs"][0], UndoError) and _recon is not None
     with pytest.raises(RemoteProtocolError):
         codec_for_letter(b"Z", server=True).decode(payload)
+
+
+def test_frame_decoder_mixed_sizes_random_splits():
+    # Small and large frames (large ones are collected as pieces) in arbitrary chunkings.
+    import random
+
+    from ZEO.protocol.framing import FrameDecoder
+
+    rng = random.Random(7)
+    for _ in range(200):
+        payloads = [bytes([rng.randrange(256)]) * rng.choice([0, 1, 3, 100, 70_000, 200_000])
+                    for _ in range(rng.randrange(1, 8))]
+        stream = b"".join(encode_frame(p) for p in payloads)
+        decoder, got, i = FrameDecoder(), [], 0
+        while i < len(stream):
+            j = i + rng.choice([1, 2, 3, 5, 1000, 65536, 300_000])
+            got += decoder.feed(stream[i:j])
+            assert decoder.buffered == min(j, len(stream)) - sum(len(p) + 4 for p in got)
+            i = j
+        assert got == payloads
+        assert decoder.buffered == 0

@@ -26,33 +26,65 @@ class FrameDecoder:
 
     ``feed`` raises :class:`FrameTooLarge` as soon as a header announces more than
     ``max_size`` bytes, before buffering the payload, so a hostile length cannot make us
-    allocate.  ``buffered`` tells how many bytes wait for the rest of their frame.
+    allocate.  A large frame that arrives in pieces is kept as the list of its pieces and
+    joined once, so its bytes are copied once, not once per piece.  ``buffered`` tells how
+    many bytes wait for the rest of their frame.
     """
 
-    __slots__ = ("_buf", "max_size")
+    __slots__ = ("_buf", "_parts", "_need", "max_size")
+
+    #: Partial frames at least this large are collected as pieces instead of a buffer.
+    LARGE = 64 * 1024
 
     def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray()  # a partial header, or the start of a small frame
+        self._parts: list = []  # the pieces received so far of a large frame
+        self._need = 0  # bytes still missing from that large frame
         self.max_size = max_size
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        large = sum(map(len, self._parts)) + 4 if self._need else 0  # 4: its header
+        return len(self._buf) + large
 
     def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        if self._need:
+            need = self._need
+            if len(data) < need:
+                self._parts.append(data if type(data) is bytes else bytes(data))
+                self._need = need - len(data)
+                return out
+            view = memoryview(data)
+            self._parts.append(view[:need])
+            out.append(b"".join(self._parts))
+            self._parts = []
+            self._need = 0
+            data = view[need:]  # type: ignore[assignment]
+            if not data:
+                return out
         buf = self._buf
         if buf:
             buf += data
-            out, pos = self._split(buf)
+            data = buf  # type: ignore[assignment]
+        frames, pos = self._split(data)
+        out += frames
+        end = len(data)
+        if end - pos >= 4:
+            (n,) = _unpack_header(data, pos)  # _split checked it against max_size
+            if n >= self.LARGE:
+                piece = bytes(data[pos + 4 :])
+                self._parts = [piece]
+                self._need = n - len(piece)
+                buf.clear()
+                return out
+        if data is buf:
             del buf[:pos]
-        else:
-            # Whole frames come straight out of ``data``; only a partial tail is copied.
-            out, pos = self._split(data)
-            if pos < len(data):
-                buf += data[pos:]
+        elif pos < end:
+            buf += data[pos:]
         return out
 
-    def _split(self, data: bytes | bytearray) -> tuple[list[bytes], int]:
+    def _split(self, data: bytes | bytearray | memoryview) -> tuple[list[bytes], int]:
         """The complete frames at the start of ``data`` and the offset where they end."""
         out = []
         pos = 0
