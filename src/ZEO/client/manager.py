@@ -1,13 +1,16 @@
 """The connection manager: connect, handshake, register, verify the cache, reconnect.
 
-One daemon thread per ClientStorage.  While disconnected it tries the addresses (in order)
-with a capped exponential backoff; once a connection is ready it sleeps until the connection
-is lost, sending a heartbeat every :data:`HEARTBEAT_INTERVAL` seconds.
+One daemon thread per ClientStorage.  While disconnected it tries all the addresses in
+parallel, retrying at once and then with a capped exponential backoff with jitter; a failure
+is logged once per address and cause.  Once a connection is ready it sleeps until the
+connection is lost, sending a heartbeat every :data:`HEARTBEAT_INTERVAL` seconds; a read-only
+fallback connection instead looks for a writable server now and then and upgrades to it.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 from typing import TYPE_CHECKING, Any
@@ -30,6 +33,8 @@ HEARTBEAT_INTERVAL = 60.0
 FIRST_RETRY = 0.05
 MAX_RETRY = 2.0
 CONNECT_TIMEOUT = 10.0
+UPGRADE_FIRST = 0.5  # read-only fallback: first look for a writable server
+UPGRADE_MAX = 10.0
 
 
 class RegistrationFailed(Exception):
@@ -69,6 +74,9 @@ class ConnectionManager:
         self.ssl_server_hostname = ssl_server_hostname
         self._wake = threading.Condition()
         self._closed = False
+        #: The last failure per address (for error messages); cleared on success.
+        self.last_errors: dict[Any, str] = {}
+        self._logged: dict[Any, str] = {}
         self._thread = threading.Thread(
             target=self._run, name=f"{storage.__name__} zeo client networking thread",
             daemon=True)
@@ -101,16 +109,28 @@ class ConnectionManager:
 
     def _run(self) -> None:
         delay = FIRST_RETRY
+        upgrade_delay = UPGRADE_FIRST
         while not self._closed:
             conn = self.storage._conn
             if conn is not None:
+                storage = self.storage
+                upgrading = (storage._is_read_only and storage._read_only_fallback
+                             and not storage._read_only)
+                wait = upgrade_delay * (1 + random.random() / 2) if upgrading else (
+                    HEARTBEAT_INTERVAL)
                 with self._wake:
                     if self._closed or self.storage._conn is not conn:
                         continue
-                    notified = self._wake.wait(HEARTBEAT_INTERVAL)
-                if not notified and self.storage._conn is conn:
-                    conn.heartbeat()
+                    notified = self._wake.wait(wait)
+                if notified or self.storage._conn is not conn:
+                    continue
+                if upgrading:  # a read-only fallback connection: look for a writable one
+                    if not self._try_addresses(upgrade_from=conn):
+                        upgrade_delay = min(upgrade_delay * 2, UPGRADE_MAX)
+                    continue
+                conn.heartbeat()
                 continue
+            upgrade_delay = UPGRADE_FIRST
             if self._try_addresses():
                 delay = FIRST_RETRY
                 continue
@@ -121,53 +141,147 @@ class ConnectionManager:
             self._sleep(delay * (1 + random.random() / 2))
             delay = min(delay * 2, MAX_RETRY)
 
-    def _try_addresses(self) -> bool:
-        tls_error: TLSError | None = None
-        for addr in list(self.addresses):
-            if self._closed:
-                return False
+    def _open_all(self) -> tuple[queue.Queue, int]:
+        """Start one connection attempt per address, all in parallel (zeo-facts §3.1).
+
+        Each result arrives on the returned queue as ``(addr, connection or None, error)``.
+        """
+        results: queue.Queue = queue.Queue()
+        addresses = list(self.addresses)
+
+        def attempt(addr: Any) -> None:
             try:
                 conn = Connection.open(
                     addr, self.storage, timeout=CONNECT_TIMEOUT, name=self.storage.__name__,
                     ssl_context=self.ssl, server_hostname=self.ssl_server_hostname)
-            except TLSError as e:  # a configuration problem: tell a waiting constructor
-                logger.error("%s", e)
-                tls_error = e
-                continue
-            except Exception as e:
-                logger.debug("cannot connect to %r: %s", addr, e)
-                continue
-            try:
-                self._setup(conn)
-            except Exception as e:
-                if isinstance(e, RegistrationFailed):
-                    logger.error("registration with %r failed: %s", addr, e)
-                elif not isinstance(e, ClientDisconnected):
-                    logger.exception("registration or cache validation failed with %r", addr)
+            except BaseException as e:
+                results.put((addr, None, e))
+            else:
+                results.put((addr, conn, None))
+
+        if len(addresses) == 1:  # the common case: no thread
+            attempt(addresses[0])
+        else:
+            for addr in addresses:
+                threading.Thread(target=attempt, args=(addr,), daemon=True,
+                                 name=f"{self.storage.__name__} connect {addr!r}").start()
+        return results, len(addresses)
+
+    @staticmethod
+    def _drain(results: queue.Queue, remaining: int) -> None:
+        """Close the connections of attempts that finish after another one won."""
+        for _ in range(remaining):
+            _addr, conn, _err = results.get()
+            if conn is not None:
                 conn.close()
-                self.storage._abandon_setup(conn)
+
+    def _note_failure(self, addr: Any, err: BaseException, what: str) -> None:
+        """Log a failure once per address and cause; repeats go to DEBUG (no log flood)."""
+        text = f"{what} {addr!r} failed: {type(err).__name__}: {err}"
+        self.last_errors[addr] = text
+        if self._logged.get(addr) == text:
+            logger.debug("%s (again)", text)
+            return
+        self._logged[addr] = text
+        if isinstance(err, (RegistrationFailed, TLSError, OSError, ClientDisconnected,
+                            ReadOnlyError)):
+            logger.log(logging.ERROR if isinstance(err, (RegistrationFailed, TLSError))
+                       else logging.INFO, "%s", text)
+        else:
+            logger.error("%s", text, exc_info=err)
+
+    def failure_summary(self) -> str:
+        """Why the addresses could not be used, the last reason per address."""
+        return "; ".join(self.last_errors.get(a, f"{a!r}: no attempt finished yet")
+                         for a in self.addresses)
+
+    def _try_addresses(self, upgrade_from: Connection | None = None) -> bool:
+        """Connect, register and verify on the first usable address.
+
+        Writable registrations win; with ``read_only_fallback`` a read-only one is taken only
+        when no address accepted a writable one.  With ``upgrade_from`` (a read-only fallback
+        connection) only a writable registration is taken, and it replaces that connection.
+        """
+        storage = self.storage
+        results, pending = self._open_all()
+        tls_error: TLSError | None = None
+        fallback: tuple[Any, Connection] | None = None
+        fallback_ok = storage._read_only_fallback and upgrade_from is None
+        while pending:
+            addr, conn, err = results.get()
+            pending -= 1
+            if conn is None:
+                if isinstance(err, TLSError):  # a configuration problem: tell the waiter
+                    tls_error = err
+                self._note_failure(addr, err, "connecting to")
                 continue
             if self._closed:
                 conn.close()
-                return False
-            self.storage._connect_error = None
-            return True
-        if tls_error is not None:  # every address failed, one of them on TLS
-            self.storage._connect_error = tls_error
+                continue
+            try:
+                self._setup(conn, storage._read_only, upgrade_from)
+            except ReadOnlyError as e:
+                storage._abandon_setup(conn)
+                if fallback_ok and fallback is None:
+                    fallback = (addr, conn)  # used if no address lets us write
+                else:
+                    conn.close()
+                    if upgrade_from is None:
+                        self._note_failure(addr, RegistrationFailed("the server is read-only"),
+                                           "registration with")
+                    else:
+                        logger.debug("no upgrade: %r is read-only (%s)", addr, e)
+                continue
+            except Exception as e:
+                conn.close()
+                storage._abandon_setup(conn)
+                self._note_failure(addr, e, "registration or cache validation with")
+                continue
+            return self._won(conn, results, pending, fallback)
+        if fallback is not None and not self._closed:
+            addr, conn = fallback
+            try:
+                self._setup(conn, True, None)
+            except Exception as e:
+                conn.close()
+                storage._abandon_setup(conn)
+                self._note_failure(addr, e, "read-only registration with")
+            else:
+                return self._won(conn, results, 0, None)
+        if tls_error is not None and upgrade_from is None:
+            storage._connect_error = tls_error  # every address failed, one of them on TLS
         return False
 
-    def _setup(self, conn: Connection) -> None:
-        """Register, verify the cache, get_info, label; then hand ``conn`` to the storage."""
+    def _won(self, conn: Connection, results: queue.Queue, pending: int,
+             fallback: tuple[Any, Connection] | None) -> bool:
+        if fallback is not None:
+            fallback[1].close()
+        if pending:
+            threading.Thread(target=self._drain, args=(results, pending), daemon=True).start()
+        if self._closed:
+            conn.close()
+            return False
+        self.storage._connect_error = None
+        self._logged.clear()
+        self.last_errors.clear()
+        return True
+
+    def _setup(self, conn: Connection, read_only: bool,
+               replacing: Connection | None = None) -> None:
+        """Register, verify the cache, get_info, label; then hand ``conn`` to the storage.
+
+        Raises ``ReadOnlyError`` when a writable registration was refused.  ``replacing`` (an
+        upgrade) is closed once ``conn`` is registered, before the cache is verified again.
+        """
         storage = self.storage
         storage._begin_setup(conn)
-        read_only = storage._read_only
-        try:
-            server_tid = conn.call_sync("register", storage._storage_id, read_only)
-        except ReadOnlyError:
-            if not storage._read_only_fallback or read_only:
-                raise RegistrationFailed("the server is read-only") from None
-            read_only = True
-            server_tid = conn.call_sync("register", storage._storage_id, True)
+        server_tid = conn.call_sync("register", storage._storage_id, read_only)
+        if replacing is not None:
+            # Like a disconnect: a transaction on the old connection fails, then we verify.
+            logger.info("%s upgrading to a writable connection to %r", storage.__name__,
+                        conn.peer)
+            replacing.close()
+            replacing.join(10)
         if server_tid is None:
             server_tid = conn.call_sync("lastTransaction")
         server_tid = self._verify_cache(conn, server_tid)

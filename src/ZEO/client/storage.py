@@ -173,7 +173,8 @@ class ClientStorage(ConflictResolvingStorage):
                 self.close()
                 if err is not None:
                     raise err
-                raise ClientDisconnected("timed out waiting for connection")
+                raise ClientDisconnected(
+                    f"timed out waiting for connection: {self._manager.failure_summary()}")
 
     # -- connection state (manager thread and reader threads) ------------------------------
 
