@@ -49,6 +49,16 @@ REGISTERED_METHODS = (
 )
 
 
+class OnewaysThenReply:
+    """A deferred result that sends one-way calls to the caller just before the reply."""
+
+    __slots__ = ("oneways", "value")
+
+    def __init__(self, oneways: tuple[tuple[str, tuple], ...], value: Any) -> None:
+        self.oneways = oneways
+        self.value = value
+
+
 class Session(asyncio.Protocol):
     """The server side of one client connection."""
 
@@ -252,8 +262,17 @@ class Session(asyncio.Protocol):
         if exc is not None:
             self._log_failure(name, exc)
             self.write(self.conn.send_error(msgid, exc))
+            return
+        result = fut.result()
+        if type(result) is OnewaysThenReply:
+            self._batch = batch = [self.conn.send_oneway(n, a) for n, a in result.oneways]
+            try:
+                self._reply(msgid, result.value)
+            finally:
+                self._batch = None
+            self._flush(batch)
         else:
-            self._reply(msgid, fut.result())
+            self._reply(msgid, result)
 
     def _log_failure(self, name: str, exc: BaseException) -> None:
         if not isinstance(exc, _QUIET):

@@ -36,7 +36,7 @@ from .commit import (
     ServerTransaction,
     TxnPhase,
 )
-from .session import Session
+from .session import OnewaysThenReply, Session
 
 logger = logging.getLogger("ZEO.server")
 timeout_logger = logging.getLogger("ZEO.StorageServer")
@@ -284,7 +284,11 @@ class StorageState:
             txn.timeout_handle = self.loop.call_later(timeout, self._timed_out, session, txn,
                                                       timeout)
         try:
-            outcome, value = await self.loop.run_in_executor(self.worker, self._vote_body, txn)
+            if self._votes_inline(txn):
+                outcome, value = self._vote_body(txn)
+            else:
+                outcome, value = await self.loop.run_in_executor(self.worker, self._vote_body,
+                                                                 txn)
         except BaseException as exc:
             if isinstance(exc, ConflictError):
                 self.stats_conflicts += 1
@@ -304,6 +308,21 @@ class StorageState:
             return None
         txn.phase = TxnPhase.VOTED
         return value
+
+    def _votes_inline(self, txn: ServerTransaction) -> bool:
+        """Whether ``txn`` is small enough to vote on the loop thread.
+
+        A thread round trip costs more than replaying a few small records; the storage's
+        ``tpc_vote`` writes but does not fsync (``tpc_finish`` does, on the worker).  Blobs,
+        undo and large transactions go to the commit worker so the loop never waits on them.
+        """
+        return (
+            not txn.blobs
+            and txn.spool is None
+            and txn.nbytes <= self.server.inline_vote_bytes
+            and len(txn.records) <= 1000
+            and not any(rec[0] is UNDO for rec in txn.records)
+        )
 
     def _vote_body(self, txn: ServerTransaction) -> tuple[str, Any]:
         """On the commit worker: replay the buffered records into the storage and vote."""
@@ -384,9 +403,10 @@ class StorageState:
             self._end(session, txn, aborted=True)
             raise
         self.stats_commits += 1
-        self.send_info((session,))
         self._end(session, txn, aborted=False)
-        return tid
+        # The committer gets `info` just before its reply, in the same write.
+        info = {"length": len(self.storage), "size": self.storage.getSize()}
+        return OnewaysThenReply((("info", (info,)),), tid)
 
     def abort(self, session: Session, txn: ServerTransaction) -> asyncio.Future | None:
         """Abort ``txn`` in whatever phase it is; a future when the storage must be told."""
@@ -527,6 +547,7 @@ class StorageServer:
         msgpack: bool | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_transaction_size: int | None = None,
+        inline_vote_bytes: int = 256 * 1024,
         transaction_memory: int = 32 * 1024 * 1024,
         spool_dir: str | None = None,
         max_connections: int = 10000,
@@ -551,6 +572,7 @@ class StorageServer:
         self.max_message_size = max_message_size
         self.max_transaction_size = max_transaction_size  # bytes, memory + spool; None: any
         self.transaction_memory = transaction_memory  # per transaction, before spilling
+        self.inline_vote_bytes = inline_vote_bytes  # smaller votes run on the loop thread
         self.spool_dir = spool_dir
         self.max_connections = max_connections
         self.register_timeout = register_timeout  # seconds to register after connecting
