@@ -159,6 +159,9 @@ class Connection:
         self.handler = handler
         self.protocol_version: bytes = protocol.protocol or b""
         self._send_lock = threading.Lock()
+        # One-way frames held back (under _send_lock) to leave with the next send.
+        self._held: list[bytes] = []
+        self._held_bytes = 0
         # Never held while doing I/O: the reader takes it, and must never wait for a writer.
         self._pending_lock = threading.Lock()
         self._pending: dict[Any, Call] = {}
@@ -238,12 +241,22 @@ class Connection:
                 call = Call(msgid, name, on_reply, after_reply)
                 self._pending[msgid] = call
             try:
-                self.transport.sendall(self.protocol.send_call(msgid, name, args))
+                self._send_locked(self.protocol.send_call(msgid, name, args))
             except OSError as e:
                 with self._pending_lock:
                     self._pending.pop(msgid, None)
                 raise ClientDisconnected(f"{name}: {e}") from e
         return call
+
+    def _send_locked(self, data: bytes) -> None:
+        """Send ``data`` after any held one-way frames; ``_send_lock`` must be held."""
+        held = self._held
+        if held:
+            held.append(data)
+            data = b"".join(held)
+            held.clear()
+            self._held_bytes = 0
+        self.transport.sendall(data)
 
     def call_many(self, name: str, calls: list[tuple[Any, tuple, Callable[[Any], Any]]]) -> None:
         """Send several two-way calls ``(msgid, args, on_reply)`` in one write, not waited for.
@@ -263,7 +276,7 @@ class Connection:
             if not frames:
                 return
             try:
-                self.transport.sendall(b"".join(frames))
+                self._send_locked(b"".join(frames))
             except OSError as e:
                 raise ClientDisconnected(f"{name}: {e}") from e
 
@@ -275,13 +288,28 @@ class Connection:
     def call_sync(self, name: str, *args: Any, timeout: float | None = None) -> Any:
         return self.call(name, *args).wait(timeout)
 
-    def call_oneway(self, name: str, *args: Any) -> None:
+    #: Held one-way frames are sent at once beyond this many bytes.
+    HOLD_LIMIT = 256 * 1024
+
+    def call_oneway(self, name: str, *args: Any, hold: bool = False) -> None:
+        """Send a one-way call.
+
+        With ``hold``, the frame may wait (up to :attr:`HOLD_LIMIT` bytes) and leave in the
+        same write as the next send on this connection, in order: a transaction's
+        ``tpc_begin`` and stores then travel with its ``vote``, one syscall instead of many.
+        """
         frame = self.protocol.send_call(0, name, args, oneway=True)
         with self._send_lock:
             if self.closed:
                 raise ClientDisconnected(f"connection to {self.peer!r} is closed")
+            if hold:
+                self._held.append(frame)
+                self._held_bytes += len(frame)
+                if self._held_bytes < self.HOLD_LIMIT:
+                    return
+                frame = b""
             try:
-                self.transport.sendall(frame)
+                self._send_locked(frame)
             except OSError as e:
                 raise ClientDisconnected(f"{name}: {e}") from e
 
@@ -291,7 +319,7 @@ class Connection:
             if self.closed:
                 return
             try:
-                self.transport.sendall(frame)
+                self._send_locked(frame)
             except OSError:
                 pass  # the reader notices the dead socket
 

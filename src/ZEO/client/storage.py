@@ -520,7 +520,7 @@ class ClientStorage(ConflictResolvingStorage):
             ext = getattr(txn, "extension", None)
             conn.call_oneway(
                 "tpc_begin", id(txn), _bytes(txn.user), _bytes(txn.description),
-                dict(ext) if ext else {}, tid, status)
+                dict(ext) if ext else {}, tid, status, hold=True)
         except BaseException:
             self._end_txn()
             raise
@@ -537,28 +537,28 @@ class ClientStorage(ConflictResolvingStorage):
 
     def store(self, oid: bytes, serial: bytes, data: bytes, version: str, txn: Any) -> None:
         conn = self._check_trans(txn, "store")
-        conn.call_oneway("storea", oid, serial or z64, data, id(txn))
+        conn.call_oneway("storea", oid, serial or z64, data, id(txn), hold=True)
         self._txn_buffer[oid] = data
 
     def checkCurrentSerialInTransaction(self, oid: bytes, serial: bytes, txn: Any) -> None:
         conn = self._check_trans(txn, "checkCurrentSerialInTransaction")
-        conn.call_oneway("checkCurrentSerialInTransaction", oid, serial, id(txn))
+        conn.call_oneway("checkCurrentSerialInTransaction", oid, serial, id(txn), hold=True)
 
     def deleteObject(self, oid: bytes, serial: bytes, txn: Any) -> None:
         conn = self._check_trans(txn, "deleteObject")
-        conn.call_oneway("deleteObject", oid, serial, id(txn))
+        conn.call_oneway("deleteObject", oid, serial, id(txn), hold=True)
         self._txn_buffer[oid] = None
 
     def restore(self, oid: bytes, serial: bytes, data: bytes | None, version: str,
                 prev_txn: bytes | None, txn: Any) -> None:
         conn = self._check_trans(txn, "restore")
-        conn.call_oneway("restorea", oid, serial, data, prev_txn, id(txn))
+        conn.call_oneway("restorea", oid, serial, data, prev_txn, id(txn), hold=True)
         self._txn_buffer[oid] = None
 
     def undo(self, transaction_id: bytes, txn: Any) -> None:
         """Queue an undo; the undone oids come back from :meth:`tpc_vote`."""
         conn = self._check_trans(txn, "undo")
-        conn.call_oneway("undoa", transaction_id, id(txn))
+        conn.call_oneway("undoa", transaction_id, id(txn), hold=True)
 
     def tpc_vote(self, txn: Any) -> list[bytes]:
         """Vote, resolving conflicts the server hands back; return the resolved/undone oids."""
@@ -590,7 +590,7 @@ class ClientStorage(ConflictResolvingStorage):
                 except ConflictError:
                     self._cache.invalidate(oid, None)
                     raise
-                conn.call_oneway("storea", oid, committed, resolved, id(txn))
+                conn.call_oneway("storea", oid, committed, resolved, id(txn), hold=True)
                 self._txn_resolved.add(oid)
                 self._txn_buffer[oid] = None
         raise ConflictError(f"conflicts still unresolved after {MAX_VOTE_ATTEMPTS} votes")
