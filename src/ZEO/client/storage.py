@@ -614,9 +614,14 @@ class ClientStorage(ConflictResolvingStorage):
                 cache.clear()
             if self._blobs is not None:
                 self._blobs.finish(tid)  # staged blob files join the blob cache
-            cache.setLastTid(tid)
-            if f is not None:
-                f(tid)
+            # ZODB's callback records the invalidations for the DB's other connections; it
+            # must run before lastTransaction() moves, or a connection opened in between
+            # would see tid with stale objects in its cache (ZODB >= 5.6, ZEO #166).
+            try:
+                if f is not None:
+                    f(tid)
+            finally:
+                cache.setLastTid(tid)
             return tid
 
         try:
