@@ -101,3 +101,45 @@ def test_unix_socket_is_private(make_server, tmp_path):
     server = make_server(addr=path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert connect(server).call("ping") is None
+
+
+def test_tcp_keepalive_on_client_connections(make_server):
+    import socket
+
+    server = make_server(tcp_keepalive=12)
+    connect(server)
+    (session,) = list(server.sessions)
+    sock = session.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 6
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12_000
+
+
+def test_resource_keys_in_the_config(tmp_path):
+    from support.servers import filestorage_conf, start_server
+
+    path = str(tmp_path / "zeo.sock")
+    extra = ("  max-connections 1\n  unix-socket-mode 0660\n  max-message-size 1MB\n"
+             "  register-timeout 30\n  tcp-keepalive 0\n")
+    server = start_server("ours", tmp_path / "srv", filestorage_conf(tmp_path / "Data.fs"),
+                          zeo_extra=extra, addr=path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        first = connect_addr(path)
+        with pytest.raises((Closed, ConnectionError)):
+            WireClient(path)  # over max-connections
+        try:  # over max-message-size: refused on the frame header
+            first.async_call("ping", b"x" * (2 << 20))
+        except OSError:
+            pass  # closed while we were still sending
+        assert first.is_closed()
+    finally:
+        server.stop()
+    assert "max-message-size" not in server.log()  # accepted, not reported as unknown
+
+
+def connect_addr(addr):
+    c = WireClient(addr)
+    c.call("register", "1", False)
+    return c

@@ -88,6 +88,7 @@ class ServerOptions:
     metrics_address: tuple[str, int] | None = None
     ssl_context: Any = None
     authorization: Any = None  # ZEO.server.auth.Authorization
+    limits: dict = field(default_factory=dict)  # StorageServer resource options
     eventlog: Any = None  # a ZConfig logger factory, or None
     test: bool = False
 
@@ -168,8 +169,27 @@ def options_from_config(root) -> ServerOptions:
         authorization=getattr(z, "authorization", None),
         admin_socket=z.admin_socket,
         metrics_address=tuple(z.metrics.address) if z.metrics is not None else None,
+        limits=_limits(z),
         eventlog=root.eventlog,
     )
+
+
+_LIMIT_KEYS = ("max_message_size", "max_connections", "register_timeout", "max_output_buffer",
+               "max_transaction_size", "transaction_memory", "tcp_keepalive")
+
+
+def _limits(z: Any) -> dict:
+    """The <zeo> resource keys as StorageServer options."""
+    limits = {key: getattr(z, key) for key in _LIMIT_KEYS if getattr(z, key, None) is not None}
+    mode = getattr(z, "unix_socket_mode", None)
+    if mode is not None:
+        try:
+            limits["unix_socket_mode"] = int(mode, 8)
+        except ValueError:
+            raise UsageError(f"configuration error: unix-socket-mode {mode!r} is not octal")
+    if limits.get("register_timeout") == 0:
+        limits["register_timeout"] = None
+    return limits
 
 
 def parse_address(text: str):
@@ -433,6 +453,7 @@ class ZEOServer:
                 msgpack=o.msgpack,
                 admin_socket=o.admin_socket,
                 metrics_address=o.metrics_address,
+                **o.limits,
             )
         except OSError as e:
             raise StartupError(f"cannot listen: {_one_line(e)}")

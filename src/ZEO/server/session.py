@@ -49,6 +49,25 @@ REGISTERED_METHODS = (
 )
 
 
+def set_keepalive(sock: socket.socket, seconds: float | None) -> None:
+    """Make the kernel give up on a peer that stays silent for about ``seconds``.
+
+    Keepalive probes start after half of it and three unanswered probes end the connection;
+    TCP_USER_TIMEOUT also ends it when sent data stays unacknowledged that long.  A live
+    client's kernel answers both whatever its application does, so only dead peers (power
+    loss, a cut network: half-open connections) are dropped, and with them their commit lock.
+    """
+    if not seconds:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; other systems keep their defaults
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(seconds / 2)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(seconds / 6)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+
+
 class OnewaysThenReply:
     """A deferred result that sends one-way calls to the caller just before the reply."""
 
@@ -98,6 +117,7 @@ class Session(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                set_keepalive(sock, self.server.tcp_keepalive)
             except OSError:
                 pass
             self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"

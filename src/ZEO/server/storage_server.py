@@ -554,6 +554,7 @@ class StorageServer:
         register_timeout: float | None = 60.0,
         max_output_buffer: int = 256 * 1024 * 1024,
         unix_socket_mode: int = 0o600,
+        tcp_keepalive: float | None = 60.0,
         admin_socket: str | None = None,
         metrics_address: tuple[str, int] | None = None,
         **ignored: Any,
@@ -578,6 +579,7 @@ class StorageServer:
         self.register_timeout = register_timeout  # seconds to register after connecting
         self.max_output_buffer = max_output_buffer  # unsent bytes before a client is dropped
         self.unix_socket_mode = unix_socket_mode
+        self.tcp_keepalive = tcp_keepalive  # seconds before a silent TCP peer counts as gone
         self.ssl = ssl
         #: ZEO.server.auth.Authorization (checked in Session.register), or None: all may.
         self.authorization = authorization
