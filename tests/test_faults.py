@@ -177,3 +177,20 @@ def test_transaction_in_progress_fails_with_client_disconnected(server):
             conn.close()
         finally:
             db.close()
+
+
+def test_per_call_deadline_names_the_call_and_the_server(server):
+    with FaultProxy(server.addr) as proxy:
+        storage = ZEO.client(proxy.addr, wait_timeout=5)
+        try:
+            proxy.hold()  # the link stays open but nothing gets through
+            for call in (lambda: storage.ping(timeout=0.3),
+                         lambda: storage.server_status(timeout=0.3),
+                         lambda: storage.pack(timeout=0.3),
+                         lambda: storage.undoLog(0, 10, timeout=0.3)):
+                with pytest.raises(ClientDisconnected, match=r"no reply to \w+ from .* 0\.3 s"):
+                    call()
+            proxy.release()
+            storage.ping(timeout=10)  # the connection is still usable
+        finally:
+            storage.close()

@@ -286,7 +286,20 @@ class Connection:
             return self._pending.get(msgid)
 
     def call_sync(self, name: str, *args: Any, timeout: float | None = None) -> Any:
-        return self.call(name, *args).wait(timeout)
+        """Call and wait; past ``timeout`` seconds, ClientDisconnected names call and server.
+
+        The connection stays usable: a late reply is dropped with a warning.
+        """
+        call = self.call(name, *args)
+        try:
+            return call.wait(timeout)
+        except ClientDisconnected:
+            if call.done():
+                raise
+            with self._pending_lock:
+                self._pending.pop(call.msgid, None)
+            raise ClientDisconnected(
+                f"no reply to {name} from {self.peer!r} within {timeout} s") from None
 
     #: Held one-way frames are sent at once beyond this many bytes.
     HOLD_LIMIT = 256 * 1024

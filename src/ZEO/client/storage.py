@@ -331,8 +331,8 @@ class ClientStorage(ConflictResolvingStorage):
     def server_status(self, timeout: float | None = None) -> dict:
         return self._call("server_status", timeout=timeout)
 
-    def ping(self) -> None:
-        self._call("ping")
+    def ping(self, timeout: float | None = None) -> None:
+        self._call("ping", timeout=timeout)
 
     def sync(self) -> None:
         if self._server_sync:
@@ -446,8 +446,9 @@ class ClientStorage(ConflictResolvingStorage):
     def getTid(self, oid: bytes) -> bytes:
         return self._call("getTid", oid)
 
-    def history(self, oid: bytes, size: int = 1, version: Any = None):
-        return self._call("history", oid, size)
+    def history(self, oid: bytes, size: int = 1, version: Any = None,
+                timeout: float | None = None):
+        return self._call("history", oid, size, timeout=timeout)
 
     def record_iternext(self, next: Any = None):
         return self._call("record_iternext", next)
@@ -461,19 +462,22 @@ class ClientStorage(ConflictResolvingStorage):
             return self._oids.pop()
 
     def pack(self, t: float | None = None, referencesf: Any = None, wait: Any = 1,
-             days: float = 0) -> None:
+             days: float = 0, timeout: float | None = None) -> None:
+        """Pack the server's storage; ``timeout`` bounds the wait for the reply (seconds)."""
         if t is None:
             t = time.time()
         t -= days * 86400
-        self._call("pack", t, wait)
+        self._call("pack", t, wait, timeout=timeout)
 
-    def undoLog(self, first: int = 0, last: int = -20, filter: Any = None):
+    def undoLog(self, first: int = 0, last: int = -20, filter: Any = None,
+                timeout: float | None = None):
         if filter is not None:
             return []
-        return list(self._call("undoLog", first, last))
+        return list(self._call("undoLog", first, last, timeout=timeout))
 
-    def undoInfo(self, first: int = 0, last: int = -20, specification: Any = None):
-        return list(self._call("undoInfo", first, last, specification))
+    def undoInfo(self, first: int = 0, last: int = -20, specification: Any = None,
+                 timeout: float | None = None):
+        return list(self._call("undoInfo", first, last, specification, timeout=timeout))
 
     def iterator(self, start: bytes | None = None, stop: bytes | None = None):
         conn = self._connection()
