@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from persistent.mapping import PersistentMapping
 from ZODB.Connection import TransactionMetaData
@@ -18,20 +20,29 @@ def addr():
     stop()
 
 
-def test_commit_callback_runs_before_last_transaction_moves(addr):
-    # ZODB's tpc_finish callback must see the old lastTransaction(): a connection opened
-    # before it has run must not get a snapshot that includes the commit.
+def test_last_transaction_waits_for_the_commit_callback(addr):
+    # While ZODB's tpc_finish callback runs (recording invalidations for the DB's other
+    # connections), another thread asking lastTransaction() -- as a connection being opened
+    # does -- must wait, then get the new tid: never the new tid before the invalidations.
     storage = ZEO.client(addr)
     try:
-        before = storage.lastTransaction()
         txn = TransactionMetaData()
         storage.tpc_begin(txn)
         storage.store(storage.new_oid(), b"\0" * 8, b"data", "", txn)
         storage.tpc_vote(txn)
         seen = []
-        tid = storage.tpc_finish(txn, lambda tid: seen.append(storage.lastTransaction()))
-        assert seen == [before] and before != tid
-        assert storage.lastTransaction() == tid
+
+        def callback(tid):
+            reader = threading.Thread(target=lambda: seen.append(storage.lastTransaction()))
+            reader.start()
+            reader.join(0.3)
+            assert reader.is_alive(), "lastTransaction() did not wait for the callback"
+            seen.append(("callback done", tid))
+            callback.reader = reader
+
+        tid = storage.tpc_finish(txn, callback)
+        callback.reader.join(10)
+        assert seen == [("callback done", tid), tid]
     finally:
         storage.close()
 

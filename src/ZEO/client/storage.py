@@ -149,6 +149,9 @@ class ClientStorage(ConflictResolvingStorage):
         self._queued_invalidations: list[tuple[bytes, Any]] = []
 
         self._tpc_lock = threading.Lock()
+        # Held while tpc_finish moves the last tid and runs ZODB's callback (reentrant: the
+        # callback may ask for lastTransaction()).
+        self._last_tid_lock = threading.RLock()
         self._txn: Any = None
         self._txn_conn: Connection | None = None
         self._txn_generation = -1
@@ -317,7 +320,8 @@ class ClientStorage(ConflictResolvingStorage):
         return bool(self._info["supportsUndo"])
 
     def lastTransaction(self) -> bytes:
-        return self._cache.getLastTid() or z64
+        with self._last_tid_lock:  # not while a commit's callback is still running
+            return self._cache.getLastTid() or z64
 
     def temporaryDirectory(self) -> str:
         if self.blob_dir:
@@ -618,14 +622,13 @@ class ClientStorage(ConflictResolvingStorage):
                 cache.clear()
             if self._blobs is not None:
                 self._blobs.finish(tid)  # staged blob files join the blob cache
-            # ZODB's callback records the invalidations for the DB's other connections; it
-            # must run before lastTransaction() moves, or a connection opened in between
-            # would see tid with stale objects in its cache (ZODB >= 5.6, ZEO #166).
-            try:
+            # ZODB's callback records the invalidations for the DB's other connections.
+            # lastTransaction() waits on this lock, so no connection can open at tid before
+            # they are recorded (ZODB >= 5.6, ZEO #166), and then it sees tid.
+            with self._last_tid_lock:
+                cache.setLastTid(tid)
                 if f is not None:
                     f(tid)
-            finally:
-                cache.setLastTid(tid)
             return tid
 
         try:
