@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import socket
-import stat
 import weakref
 from typing import TYPE_CHECKING, Any
+
+from .storage_server import remove_stale_unix_socket
 
 if TYPE_CHECKING:
     from .session import Session
@@ -46,7 +47,7 @@ class AdminServer:
         self.path = path
         self._ids: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
         self._next_id = 1
-        _remove_stale(path)
+        remove_stale_unix_socket(path, "admin socket")
         loop = server.event_loop
         # Created with a tight umask so the socket is never reachable by others, even briefly.
         old_umask = os.umask(0o177)
@@ -183,22 +184,6 @@ class _AdminProtocol(asyncio.Protocol):
     def _reply(self, reply: dict) -> None:
         assert self.transport is not None
         self.transport.write(json.dumps(reply, default=str).encode() + b"\n")
-
-
-def _remove_stale(path: str) -> None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(f"{path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-            return
-    raise OSError(f"admin socket {path} is in use by another server")
 
 
 def admin_request(path: str, command: str, *args: Any, timeout: float = 30.0) -> Any:

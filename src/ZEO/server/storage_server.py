@@ -509,7 +509,8 @@ def _normalize_addresses(addr: Any) -> list[Any]:
     return out
 
 
-def _remove_stale_unix_socket(path: str) -> None:
+def remove_stale_unix_socket(path: str, what: str = "address") -> None:
+    """Remove a Unix socket file left by a dead process; refuse one something listens on."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -522,7 +523,7 @@ def _remove_stale_unix_socket(path: str) -> None:
     except OSError:
         os.unlink(path)  # nobody listens: a leftover of a dead server
     else:
-        raise OSError(f"address {path} already in use")
+        raise OSError(f"{what} {path} already in use")
     finally:
         probe.close()
 
@@ -625,7 +626,7 @@ class StorageServer:
         loop = self.event_loop
         factory = lambda: Session(self)
         if isinstance(a, str):
-            _remove_stale_unix_socket(a)
+            remove_stale_unix_socket(a)
             listener = loop.run_until_complete(
                 loop.create_unix_server(factory, a, ssl=self.ssl)
             )
