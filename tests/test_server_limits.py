@@ -107,13 +107,14 @@ def test_tcp_keepalive_on_client_connections(make_server):
     import socket
 
     server = make_server(tcp_keepalive=12)
-    connect(server)
+    client = connect(server)  # kept: a collected client closes its socket
     (session,) = list(server.sessions)
     sock = session.transport.get_extra_info("socket")
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 6
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12_000
+    client.close()
 
 
 def test_resource_keys_in_the_config(tmp_path):
