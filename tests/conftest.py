@@ -31,3 +31,20 @@ def make_server(tmp_path):
     yield make
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def closing():
+    """Register storages/DBs to close at teardown, even when the test fails."""
+    things = []
+
+    def add(x):
+        things.append(x)
+        return x
+
+    yield add
+    for x in reversed(things):
+        try:
+            x.close()
+        except Exception:
+            pass

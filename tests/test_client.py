@@ -63,21 +63,6 @@ def stop(srv) -> None:
     srv.stop(timeout=10)
 
 
-@pytest.fixture
-def closing():
-    """Register storages/DBs to close at teardown, even when the test fails."""
-    things = []
-
-    def add(x):
-        things.append(x)
-        return x
-
-    yield add
-    for x in reversed(things):
-        try:
-            x.close()
-        except Exception:
-            pass
 
 
 @pytest.fixture(params=KINDS)

@@ -88,20 +88,6 @@ def make_server(tmp_path):
         srv.stop()
 
 
-@pytest.fixture
-def closing():
-    things = []
-
-    def add(x):
-        things.append(x)
-        return x
-
-    yield add
-    for x in reversed(things):
-        try:
-            x.close()
-        except Exception:
-            pass
 
 
 def commit_and_read(storage_factory, closing) -> None:
