@@ -263,18 +263,27 @@ class ClientStorage(ConflictResolvingStorage):
         cache.setLastTid(tid)
 
     def _connection(self) -> Connection:
+        """The live connection; while reconnecting, wait for one up to ``wait_timeout``."""
         conn = self._conn
-        if conn is not None:
+        if conn is not None and not conn.closed:
             return conn
         if self._closed:
             raise ClientDisconnected("the storage is closed")
         if not self._connected_once:
             raise ClientDisconnected("never connected")
-        if self._ready.wait(self._wait_timeout):
+        deadline = time.monotonic() + self._wait_timeout
+        while True:
             conn = self._conn
-            if conn is not None:
+            if conn is not None and not conn.closed:
                 return conn
-        raise ClientDisconnected("timed out waiting for connection")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed:
+                raise ClientDisconnected("timed out waiting for connection")
+            if conn is not None:
+                # Closed, but its reader has not reported the loss yet: a moment more.
+                time.sleep(min(0.005, remaining))
+            else:
+                self._ready.wait(remaining)
 
     def _call(self, name: str, *args: Any, timeout: float | None = None) -> Any:
         try:
@@ -287,7 +296,8 @@ class ClientStorage(ConflictResolvingStorage):
     # -- general ----------------------------------------------------------------------------
 
     def is_connected(self, test: bool = False) -> bool:
-        return self._conn is not None
+        conn = self._conn
+        return conn is not None and not conn.closed
 
     def new_addr(self, addr: Any) -> None:
         """Use ``addr`` at the next (re)connection."""
