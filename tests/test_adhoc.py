@@ -5,19 +5,9 @@ from __future__ import annotations
 import pytest
 
 import ZEO
-from support.wire import RemoteError, WireClient
+from support.wire import RemoteError, WireClient, commit_one
 from ZEO import _adhoc
 from ZEO.wire import ruok
-
-
-def commit_one(addr, storage_id: str = "1") -> bytes:
-    with WireClient(addr) as c:
-        c.call("register", storage_id, False)
-        (oid,) = c.call("new_oids", 1)
-        c.async_call("tpc_begin", 1, "", "", {}, None, " ")
-        c.async_call("storea", oid, b"\0" * 8, b"data", 1)
-        c.call("vote", 1)
-        return c.call("tpc_finish", 1)
 
 
 def test_default_threaded_mapping_storage():

@@ -233,3 +233,19 @@ def test_mapping_storage_has_no_undo(make_server):
     c = connect(server)
     assert c.call("get_info")["supportsUndo"] is False
     assert tuple(c.call("undoLog", 0, 20)) == ()
+
+
+def test_invalidations_never_go_backwards(make_server):
+    # A storage re-reporting an older tid (external invalidation) must not move clients back.
+    server = make_server()
+    a, b = connect(server), connect(server)
+    oid = a.call("new_oids", 1)[0]
+    tid = commit(a, oid, z64, b"d")
+    assert b.read_message()[3] == (tid, [oid])
+    state = server.states["1"]
+    older = p64(int.from_bytes(tid, "big") - 1)
+    server.event_loop.call_soon_threadsafe(state.publish, older, [oid], None)
+    newer = p64(int.from_bytes(tid, "big") + 1)
+    server.event_loop.call_soon_threadsafe(state.publish, newer, [oid], None)
+    assert b.read_message()[3] == (newer, [oid])  # the older one was not sent
+    assert b.call("lastTransaction") == newer

@@ -9,7 +9,7 @@ import pytest
 
 from support.refzeo import ref_bin
 from support.servers import free_port, start_server
-from support.wire import WireClient
+from support.wire import commit_one
 from ZEO import nagios
 
 NAGIOS = [sys.executable, "-m", "ZEO.nagios"]
@@ -20,14 +20,6 @@ def run(*args: str, cmd=None) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-def commit_one(addr, storage_id: str = "1") -> None:
-    with WireClient(addr) as c:
-        c.call("register", storage_id, False)
-        (oid,) = c.call("new_oids", 1)
-        c.async_call("tpc_begin", 1, "", "", {}, None, " ")
-        c.async_call("storea", oid, b"\0" * 8, b"data", 1)
-        c.call("vote", 1)
-        c.call("tpc_finish", 1)
 
 
 @pytest.fixture(params=["ours", "ref"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ZEO.wire import Closed, RemoteError
 from ZEO.wire import WireClient as _WireClient
 
-__all__ = ["Closed", "RemoteError", "WireClient"]
+__all__ = ["Closed", "RemoteError", "WireClient", "commit_one"]
 
 
 class WireClient(_WireClient):
@@ -29,3 +29,14 @@ class WireClient(_WireClient):
         except Closed:
             return True
         return False
+
+
+def commit_one(addr, storage_id: str = "1", data: bytes = b"data") -> bytes:
+    """Commit one new object through a fresh connection; return the tid."""
+    with WireClient(addr) as c:
+        c.call("register", storage_id, False)
+        (oid,) = c.call("new_oids", 1)
+        c.async_call("tpc_begin", 1, "", "", {}, None, " ")
+        c.async_call("storea", oid, b"\0" * 8, data, 1)
+        c.call("vote", 1)
+        return c.call("tpc_finish", 1)

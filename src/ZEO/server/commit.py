@@ -76,7 +76,7 @@ class ServerTransaction:
 
     __slots__ = (
         "txn_id", "user", "description", "extension", "tid", "status", "records",
-        "blobs", "phase", "meta", "lock_waiter", "aborted", "timeout_handle",
+        "blobs", "phase", "meta", "aborted", "timeout_handle",
         "locked_at", "nbytes", "invalidated", "vote_started_at", "spool",
     )
 
@@ -92,7 +92,6 @@ class ServerTransaction:
         self.blobs: list[tuple[bytes, bytes, bytes, str]] = []
         self.phase = TxnPhase.OPEN
         self.meta: Any = None  # the TransactionMetaData handed to the storage
-        self.lock_waiter: asyncio.Future | None = None
         self.aborted = False
         self.timeout_handle: asyncio.TimerHandle | None = None
         self.locked_at: float | None = None

@@ -295,11 +295,13 @@ class Session(asyncio.Protocol):
             self._reply(msgid, result)
 
     def _log_failure(self, name: str, exc: BaseException) -> None:
-        if not isinstance(exc, _QUIET):
-            logger.error("(%s) %r raised exception: %r", self.label, name, exc,
-                         exc_info=(type(exc), exc, exc.__traceback__)
-                         if not isinstance(exc, (ReadOnlyError, StorageTransactionError))
-                         else None)
+        """Log a failed call: conflicts and missing keys are normal; client misuse needs no
+        traceback; anything else gets one."""
+        if isinstance(exc, _QUIET):
+            return
+        expected = isinstance(exc, (ReadOnlyError, StorageTransactionError))
+        logger.error("(%s) %r raised exception: %r", self.label, name, exc,
+                     exc_info=None if expected else exc)
 
     def send_oneway(self, name: str, args: tuple) -> None:
         if not self.closed:

@@ -230,7 +230,11 @@ class StorageState:
 
     def publish(self, tid: bytes, oids: list, committer: Session | None) -> None:
         """On the loop: record ``tid`` and send its invalidations to every other session."""
-        if tid <= self.published_tid and committer is None and not oids:
+        if tid <= self.published_tid:
+            # Only an external invalidation (a storage re-reporting a tid) can get here;
+            # clients must never see tids go backwards (zeo-facts §4.4 rule 2).
+            logger.warning("storage %r reported invalidations for %s, not after %s: ignored",
+                           self.storage_id, tid.hex(), self.published_tid.hex())
             return
         self.published_tid = tid
         self.invq.appendleft((tid, oids))
@@ -261,7 +265,6 @@ class StorageState:
         txn.phase = TxnPhase.WAITING
         txn.vote_started_at = time.monotonic()
         fut = self.lock.acquire(txn, self.loop)
-        txn.lock_waiter = fut
         if not fut.done():
             waiting = self.lock.waiting
             level = logging.CRITICAL if waiting > 9 else (
