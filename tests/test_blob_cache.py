@@ -283,3 +283,30 @@ def test_two_processes_share_a_pruned_cache_without_losing_files_in_use(
     assert downloads > 2 * count, reports
     assert not list(cache_dir.glob("*/*.dl"))
     assert prune(str(cache_dir), limit) <= limit
+
+
+OPEN_CACHE = textwrap.dedent("""
+    import sys, time
+    from ZEO.client.blob import BlobCache
+    start = float(sys.argv[2])
+    while time.time() < start:
+        pass
+    BlobCache(sys.argv[1], None).close()
+""")
+
+
+def test_processes_creating_one_cache_at_once_all_accept_its_layout(tmp_path: Path) -> None:
+    # A cache directory created by several processes at the same moment: none of them may
+    # read the layout marker half-written (CI once saw layout '' here).
+    env = {"PYTHONPATH": SRC, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for round_ in range(5):
+        cache_dir = tmp_path / f"cache-{round_}"
+        start = time.time() + 1.0
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_CACHE, str(cache_dir), str(start)],
+                                  stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in range(6)]
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+        assert (cache_dir / ZODB.blob.LAYOUT_MARKER).read_text() == "zeocache"
+        assert not list(cache_dir.glob(".layout-*"))

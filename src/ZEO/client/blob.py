@@ -248,8 +248,13 @@ class BlobCache(BlobStore):
             with open(marker) as f:
                 layout = f.read().strip()
         except FileNotFoundError:
-            with open(marker, "w") as f:
+            # Another process may create the cache at the same moment: publish the marker
+            # whole (write aside, then rename) so that no reader ever sees it empty.
+            fd, tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".layout-")
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "w") as f:
                 f.write(LAYOUT)
+            os.replace(tmp, marker)
             return
         if layout != LAYOUT:
             raise ValueError(
