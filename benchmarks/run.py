@@ -424,6 +424,10 @@ WORKLOADS: list[Workload] = [
         lambda rs: {"cold_load_objs_s": rs[0]["objs_per_s"]},
         [Metric("cold_load_objs_s", "obj/s", True, 2.0)], "load"),
     Workload(
+        "cold_load_random", "cold_load_random", 1, _sizes, lambda a: 0,
+        lambda rs: {"cold_load_random_objs_s": rs[0]["objs_per_s"]},
+        [Metric("cold_load_random_objs_s", "obj/s", True)], "load"),
+    Workload(
         "cold_traversal", "cold_traversal", 1, _sizes, lambda a: 0,
         lambda rs: {"cold_traversal_objs_s": rs[0]["objs_per_s"]},
         [Metric("cold_traversal_objs_s", "obj/s", True, 3.0)], "object"),

@@ -207,7 +207,11 @@ def _tree_oids(ctx: Context) -> list[bytes]:
 
 def w_cold_load(ctx: Context) -> dict[str, Any]:
     """``storage.load`` of every small object once, in oid order, from an empty client cache."""
-    oids = _tree_oids(ctx)
+    return _load_each(ctx, _tree_oids(ctx))
+
+
+def _load_each(ctx: Context, oids: list[bytes]) -> dict[str, Any]:
+    """``storage.load`` of each of ``oids`` in turn through a fresh client."""
     st = ctx.storage()
     try:
         ctx.ready()
@@ -220,6 +224,15 @@ def w_cold_load(ctx: Context) -> dict[str, Any]:
         st.close()
     return {"ops": len(oids), "elapsed": elapsed, "objs_per_s": len(oids) / elapsed,
             "bytes": size}
+
+
+def w_cold_load_random(ctx: Context) -> dict[str, Any]:
+    """``storage.load`` of 5,000 of those objects in a fixed random order, empty client cache.
+
+    No sequence to read ahead: one round trip per object on both sides.
+    """
+    oids = _tree_oids(ctx)
+    return _load_each(ctx, random.Random(20261201).sample(oids, min(5000, len(oids))))
 
 
 def w_cold_traversal(ctx: Context) -> dict[str, Any]:
@@ -509,6 +522,7 @@ WORKLOADS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "ping": w_ping,
     "bulk_add": w_bulk_add,
     "cold_load": w_cold_load,
+    "cold_load_random": w_cold_load_random,
     "cold_traversal": w_cold_traversal,
     "commit": w_commit,
     "mix": w_mix,

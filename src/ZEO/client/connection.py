@@ -103,15 +103,18 @@ def open_transport(addr: Any, timeout: float, ssl_context: Any = None,
 class Call:
     """One pending two-way call.  Several waiters may share it (request collapsing)."""
 
-    __slots__ = ("msgid", "name", "on_reply", "after_reply", "_lock", "_done", "value", "exc")
+    __slots__ = ("msgid", "name", "on_reply", "after_reply", "on_error", "_lock", "_done",
+                 "value", "exc")
 
     def __init__(self, msgid: Any, name: str,
                  on_reply: Callable[[Any], Any] | None = None,
-                 after_reply: Callable[[Any], None] | None = None) -> None:
+                 after_reply: Callable[[Any], None] | None = None,
+                 on_error: Callable[[Any, BaseException], None] | None = None) -> None:
         self.msgid = msgid
         self.name = name
         self.on_reply = on_reply  # reader thread, before the waiters wake
         self.after_reply = after_reply  # reader thread, after they woke (nothing to wait for)
+        self.on_error = on_error  # reader thread, with (msgid, exception) of an error reply
         self._lock = _thread.allocate_lock()
         self._lock.acquire()
         self._done = False
@@ -258,10 +261,12 @@ class Connection:
             self._held_bytes = 0
         self.transport.sendall(data)
 
-    def call_many(self, name: str, calls: list[tuple[Any, tuple, Callable[[Any], Any]]]) -> None:
+    def call_many(self, name: str, calls: list[tuple[Any, tuple, Callable[[Any], Any]]],
+                  on_error: Callable[[Any, BaseException], None] | None = None) -> None:
         """Send several two-way calls ``(msgid, args, on_reply)`` in one write, not waited for.
 
-        A msgid already pending is skipped (its reply serves both).
+        A msgid already pending is skipped (its reply serves both).  ``on_error(msgid, exc)``
+        hears of error replies (on the reader thread).
         """
         with self._send_lock:
             if self.closed:
@@ -271,7 +276,7 @@ class Connection:
                 for msgid, args, on_reply in calls:
                     if msgid in self._pending:
                         continue
-                    self._pending[msgid] = Call(msgid, name, on_reply)
+                    self._pending[msgid] = Call(msgid, name, on_reply, None, on_error)
                     frames.append(self.protocol.send_call(msgid, name, args))
             if not frames:
                 return
@@ -405,6 +410,11 @@ class Connection:
                 except Exception as e:  # malformed error payload: still fail the call
                     exc = e
                 call._finish(exc=exc)
+                if call.on_error is not None:
+                    try:
+                        call.on_error(msgid, exc)
+                    except Exception:
+                        logger.exception("error hook of %s failed", call.name)
                 return
             value = args
             if call.on_reply is not None:

@@ -36,6 +36,7 @@ from .blob import BlobStore, open_blob_store
 from .cache import ClientCache
 from .connection import Call, Connection
 from .manager import ConnectionManager, normalize_addresses
+from .readahead import ReadAhead
 
 logger = logging.getLogger("ZEO.ClientStorage")
 
@@ -101,6 +102,7 @@ class ClientStorage(ConflictResolvingStorage):
         realm: Any = None,
         _client_factory: Any = None,
         prefetch_references: int = 32,
+        read_ahead: int = 64,
     ) -> None:
         self._addr = addr
         addresses = normalize_addresses(addr)
@@ -115,6 +117,9 @@ class ClientStorage(ConflictResolvingStorage):
         # A cold load of a current record also fetches, pipelined, up to this many uncached
         # objects it references (a traversal then finds them cached); 0 turns it off.
         self._prefetch_references = max(0, int(prefetch_references))
+        # Cold loads of consecutive oids fetch up to this many of the following ones ahead
+        # (ZEO.client.readahead); 0 turns it off.
+        self._read_ahead = ReadAhead(int(read_ahead)) if int(read_ahead) > 0 else None
         self.blob_dir = blob_dir
         self.shared_blob_dir = shared_blob_dir
         self._tmp_dir: str | None = None
@@ -370,7 +375,10 @@ class ClientStorage(ConflictResolvingStorage):
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
     def statistics(self) -> dict:
-        stats = {"connected": self.is_connected(), "generation": self._generation}
+        stats: dict[str, Any] = {"connected": self.is_connected(),
+                                 "generation": self._generation}
+        if self._read_ahead is not None:
+            stats["read_ahead"] = self._read_ahead.statistics()
         try:
             stats["cache"] = self._cache.statistics()
         except AttributeError:
@@ -421,8 +429,34 @@ class ClientStorage(ConflictResolvingStorage):
 
         return prefetch_references
 
+    def _fetch_ahead(self, conn: Connection, oids: range) -> None:
+        cache = self._cache
+        calls = []
+        for n in oids:
+            oid = n.to_bytes(8, "big")
+            if cache.load(oid) is None:
+                calls.append(((oid, MAXTID), (oid, MAXTID), self._load_hook(oid)))
+        if calls:
+            try:
+                conn.call_many("loadBefore", calls, self._fetched_ahead_error)
+            except ClientDisconnected:
+                pass
+
+    def _fetched_ahead_error(self, msgid: Any, exc: BaseException) -> None:
+        if isinstance(exc, POSKeyError) and self._read_ahead is not None:
+            self._read_ahead.missing(msgid[0])
+
+    def _reached_mark(self, ahead: ReadAhead, oid: bytes) -> None:
+        oids = ahead.reached(oid)
+        conn = self._conn
+        if oids and conn is not None:
+            self._fetch_ahead(conn, oids)
+
     def loadBefore(self, oid: bytes, tid: bytes):
         cache = self._cache
+        ahead = self._read_ahead
+        if ahead is not None and oid == ahead.mark:
+            self._reached_mark(ahead, oid)
         r = cache.loadBefore(oid, tid)
         if r is not None:
             return r
@@ -436,9 +470,17 @@ class ClientStorage(ConflictResolvingStorage):
             r = cache.loadBefore(oid, tid)
             if r is not None:
                 return r
-        return self._load_call(conn, oid, tid).wait()
+        call = self._load_call(conn, oid, tid)
+        if ahead is not None and prefetching is None:
+            oids = ahead.miss(oid)
+            if oids:
+                self._fetch_ahead(conn, oids)
+        return call.wait()
 
     def load(self, oid: bytes, version: str = ""):
+        ahead = self._read_ahead
+        if ahead is not None and oid == ahead.mark:
+            self._reached_mark(ahead, oid)
         r = self._cache.load(oid)
         if r is not None:
             return r

@@ -1,0 +1,197 @@
+"""Sequential read-ahead: the sans-I/O policy, and a real client against a real server."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import transaction
+from ZODB.POSException import POSKeyError
+from ZODB.utils import p64
+
+from support.servers import filestorage_conf, start_server
+from ZEO.client.readahead import ReadAhead
+from ZEO.ClientStorage import ClientStorage
+
+
+def k(n: int) -> bytes:
+    return p64(n)
+
+
+def test_nothing_before_the_trigger_then_a_window_after_the_last_miss() -> None:
+    ra = ReadAhead(max_window=64, min_window=8, trigger=3)
+    assert not ra.miss(k(10))
+    assert not ra.miss(k(11))
+    assert list(ra.miss(k(12))) == list(range(13, 21))
+    assert ra.mark == k(13)
+
+
+def test_reaching_the_mark_asks_for_the_next_window_doubling_up_to_the_maximum() -> None:
+    ra = ReadAhead(max_window=32, min_window=8, trigger=2)
+    ra.miss(k(0))
+    first = ra.miss(k(1))
+    assert first == range(2, 10)
+    second = ra.reached(k(2))
+    assert second == range(10, 26)
+    assert ra.mark == k(10)
+    third = ra.reached(k(10))
+    assert third == range(26, 58)
+    fourth = ra.reached(k(26))
+    assert fourth == range(58, 90)  # capped at 32
+    assert ra.statistics()["requested"] == 8 + 16 + 32 + 32
+
+
+def test_misses_of_oids_already_requested_ask_for_nothing_more() -> None:
+    # A load that finds its oid still on the way is not a reason to fetch further ahead.
+    ra = ReadAhead(max_window=64, min_window=8, trigger=2)
+    ra.miss(k(0))
+    ra.miss(k(1))
+    ra.reached(k(2))
+    for n in range(2, 26):
+        assert not ra.miss(k(n))
+    # The oid after everything requested continues the run.
+    assert ra.miss(k(26))
+
+
+def test_a_jump_starts_over() -> None:
+    ra = ReadAhead(max_window=64, min_window=8, trigger=3)
+    ra.miss(k(0))
+    ra.miss(k(1))
+    assert ra.miss(k(2))
+    assert not ra.miss(k(500))
+    assert ra.mark is None
+    assert not ra.reached(k(3))  # the old mark is gone
+    assert not ra.miss(k(501))
+    assert ra.miss(k(502)) == range(503, 511)  # back to the smallest window
+
+
+def test_a_random_pattern_never_reads_ahead() -> None:
+    import random
+
+    rng = random.Random(7)
+    ra = ReadAhead()
+    for _ in range(10_000):
+        assert not ra.miss(k(rng.randrange(1 << 40)))
+    assert ra.statistics()["requested"] == 0
+
+
+def test_the_last_oid_is_never_passed() -> None:
+    ra = ReadAhead(max_window=8, min_window=8, trigger=2)
+    top = (1 << 64) - 1
+    ra.miss(k(top - 3))
+    assert list(ra.miss(k(top - 2))) == [top - 1, top]
+    assert not ra.reached(k(top - 1))
+
+
+def test_bad_parameters_are_refused() -> None:
+    with pytest.raises(ValueError):
+        ReadAhead(max_window=0)
+
+
+def test_concurrent_reach_of_one_mark_asks_once() -> None:
+    ra = ReadAhead(max_window=64, min_window=8, trigger=2)
+    ra.miss(k(0))
+    ra.miss(k(1))
+    mark = ra.mark
+    results: list[range] = []
+    barrier = threading.Barrier(8)
+
+    def reach() -> None:
+        barrier.wait()
+        results.append(ra.reached(mark))
+
+    threads = [threading.Thread(target=reach) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(1 for r in results if r) == 1
+
+
+# -- against a real server ---------------------------------------------------------------
+
+
+@pytest.fixture(params=["ours", "ref"])
+def server(request, tmp_path):
+    srv = start_server(request.param, tmp_path / "server", filestorage_conf(tmp_path / "Data.fs"))
+    yield srv
+    srv.stop()
+
+
+def _commit_objects(addr, count: int) -> list[bytes]:
+    import ZODB
+    from persistent.mapping import PersistentMapping
+
+    db = ZODB.DB(ClientStorage(addr, wait=True))
+    try:
+        conn = db.open()
+        objs = [PersistentMapping(n=i) for i in range(count)]
+        conn.root()["objs"] = objs
+        transaction.commit()
+        oids = [o._p_oid for o in objs]
+        conn.close()
+    finally:
+        db.close()
+    return oids
+
+
+def test_sequential_cold_loads_are_served_from_read_ahead_and_stay_current(server) -> None:
+    oids = sorted(_commit_objects(server.addr, 300))
+    assert [int.from_bytes(o, "big") for o in oids] == list(
+        range(int.from_bytes(oids[0], "big"), int.from_bytes(oids[0], "big") + 300))
+    reader = ClientStorage(server.addr, wait=True, read_ahead=32)
+    writer = ClientStorage(server.addr, wait=True, read_ahead=0)
+    try:
+        first = [reader.load(oid) for oid in oids[:150]]
+        stats = reader.statistics()["read_ahead"]
+        assert stats["windows"] >= 2
+        # The cache now holds objects nobody asked for yet: a change committed by another
+        # client must still be seen (invalidations reach read-ahead results too).
+        import ZODB
+
+        db = ZODB.DB(writer)
+        conn = db.open()
+        target = oids[160]
+        reader.ping()  # the read-ahead replies sent before the ping have arrived
+        assert reader._cache.load(target) is not None  # fetched ahead, never asked for
+        obj = conn.get(target)
+        obj["n"] = "changed"
+        transaction.commit()
+        tid = writer.lastTransaction()
+        conn.close()
+        # Wait until the reader has seen that transaction, then read on in order.
+        for _ in range(200):
+            if reader.lastTransaction() == tid:
+                break
+            reader.ping()
+        assert reader.lastTransaction() == tid
+        rest = [reader.load(oid) for oid in oids[150:]]
+        assert rest[10][1] == tid
+        assert len(first) == 150
+        db.close()
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_read_ahead_past_the_last_oid_stops_and_is_harmless(server) -> None:
+    oids = sorted(_commit_objects(server.addr, 20))
+    probe = ClientStorage(server.addr, wait=True)
+    reader = ClientStorage(server.addr, wait=True, read_ahead=64)
+    try:
+        before = probe.server_status()["loads"]
+        for oid in oids:
+            reader.load(oid)
+        reader.ping()
+        assert reader.statistics()["read_ahead"]["stopped"] >= 1
+        # Bounded waste: the 20 objects, plus at most the two windows (of 8, 16, 32...)
+        # requested past the end before the first "no such oid" came back.
+        assert probe.server_status()["loads"] - before <= 20 + 16 + 32
+        beyond = p64(int.from_bytes(oids[-1], "big") + 1)
+        with pytest.raises(POSKeyError):
+            reader.load(beyond)
+        reader.ping()  # the connection is fine
+        assert reader.is_connected()
+    finally:
+        reader.close()
+        probe.close()
