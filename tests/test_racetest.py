@@ -6,7 +6,8 @@ are interrupted again and again.  The checkers assert their model invariant on e
 (``obj1.value == obj2.value``): a stale object after a reconnect breaks it.
 
 racetest's workers tolerate ``ConflictError`` only, so :class:`RetryingClientStorage` (a test
-adapter) retries a load interrupted by a disconnect once the client has reconnected, and turns
+adapter) retries a load (or the ``sortKey`` asked before a commit begins) interrupted by a
+disconnect once the client has reconnected, and turns
 a disconnect inside the commit path into a ``ConflictError`` that the worker aborts on.
 """
 
@@ -57,7 +58,16 @@ class RetryingClientStorage(ClientStorage):
         step.__name__ = name
         return step
 
-    sortKey = _commit_step("sortKey")
+    def sortKey(self):
+        # Asked before tpc_begin, so before anything of the commit is sent: like a load,
+        # it may wait for the reconnection (the gated test cuts exactly there).
+        for _attempt in range(200):
+            try:
+                return super().sortKey()
+            except ClientDisconnected:
+                time.sleep(0.01)
+        raise DisconnectedDuringCommit("sortKey: still disconnected after 2 s")
+
     _tpc_begin = _commit_step("tpc_begin")
     store = _commit_step("store")
     checkCurrentSerialInTransaction = _commit_step("checkCurrentSerialInTransaction")

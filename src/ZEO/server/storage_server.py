@@ -391,15 +391,32 @@ class StorageState:
         txn.phase = TxnPhase.FINISHING
         oids = list(dict.fromkeys(txn.invalidated))
         loop = self.loop
-        publish = self.publish
+        finished: asyncio.Future = loop.create_future()
 
-        def callback(tid: bytes) -> None:
-            # Runs on the commit worker while the storage still holds its lock.
-            loop.call_soon_threadsafe(publish, tid, oids, session)
+        def published(tid: bytes) -> None:  # on the loop
+            self.publish(tid, oids, session)
+            if not finished.done():
+                finished.set_result(tid)
+
+        def failed(exc: BaseException) -> None:  # on the loop
+            if not finished.done():
+                finished.set_exception(exc)
+
+        def run() -> None:  # on the commit worker
+            # One wake-up of the loop, not two: it publishes and resumes this coroutine in
+            # the same turn.  The worker is the storage's only committer, so the publishes of
+            # successive commits reach the loop in commit order.
+            reported: list[bytes] = []
+            try:
+                tid = self.storage.tpc_finish(txn.meta, reported.append)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(failed, exc)
+            else:
+                loop.call_soon_threadsafe(published, tid or reported[0])
 
         try:
-            tid = await loop.run_in_executor(self.worker, self.storage.tpc_finish, txn.meta,
-                                             callback)
+            self.worker.submit(run)
+            tid = await finished
         except BaseException:
             logger.critical("(%s) tpc_finish failed on %r", session.label, self.storage_id,
                             exc_info=True)
