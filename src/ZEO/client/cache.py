@@ -313,7 +313,9 @@ class ClientCache:
             if cur is None:
                 return
             if cur.start == tid:
-                logger.warning("invalidation of %r with the tid of its current record", oid)
+                # Normal: a load read after the commit reached the server before its
+                # invalidation was written (zeo-facts §4.4); the record is already current.
+                logger.debug("invalidation of %r with the tid of its current record", oid)
                 return
             self._apply_invalidate(cur, tid)
 
@@ -970,7 +972,9 @@ class PersistentClientCache(ClientCache):
                     self._trace(TRACE_INVALIDATE_MISS, oid, tid, None, 0)
                 return
             if cur.start == tid:
-                logger.warning("invalidation of %r with the tid of its current record", oid)
+                # Normal: a load read after the commit reached the server before its
+                # invalidation was written (zeo-facts §4.4); the record is already current.
+                logger.debug("invalidation of %r with the tid of its current record", oid)
                 return
             start = cur.start
             if self._append(KIND_INVAL, oid, start, tid, b"") is not None:
