@@ -195,3 +195,20 @@ def test_read_ahead_past_the_last_oid_stops_and_is_harmless(server) -> None:
     finally:
         reader.close()
         probe.close()
+
+
+def test_windows_shrink_to_the_byte_budget_for_large_records() -> None:
+    ra = ReadAhead(max_window=64, min_window=8, trigger=2, byte_budget=4 << 20)
+    for _ in range(3):
+        ra.observe_size(1 << 20)
+    ra.miss(k(0))
+    assert len(ra.miss(k(1))) == 4  # 4 MiB of 1 MiB records, not 8
+    assert len(ra.reached(ra.mark)) == 4
+    small = ReadAhead(max_window=64, min_window=8, trigger=2, byte_budget=4 << 20)
+    small.observe_size(200)
+    small.miss(k(0))
+    assert len(small.miss(k(1))) == 8
+    huge = ReadAhead(max_window=64, min_window=8, trigger=2, byte_budget=4 << 20)
+    huge.observe_size(64 << 20)
+    huge.miss(k(0))
+    assert len(huge.miss(k(1))) == 1  # never less than one

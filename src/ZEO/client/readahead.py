@@ -29,10 +29,15 @@ class ReadAhead:
     about a load of :attr:`mark`.  Both return the oids to request now (often none).
     """
 
-    def __init__(self, max_window: int = 64, min_window: int = 8, trigger: int = 3) -> None:
-        if max_window < 1 or min_window < 1 or trigger < 1:
-            raise ValueError("read-ahead windows and trigger must be positive")
+    def __init__(self, max_window: int = 64, min_window: int = 8, trigger: int = 3,
+                 byte_budget: int = 4 << 20) -> None:
+        if max_window < 1 or min_window < 1 or trigger < 1 or byte_budget < 1:
+            raise ValueError("read-ahead windows, trigger and byte budget must be positive")
         self.max_window = max_window
+        # A window asks for about this many bytes at most, judged by the records seen lately:
+        # reading ahead 64 records of 1 MiB would fill both ends' memory for nothing.
+        self.byte_budget = byte_budget
+        self._record_size = 0.0  # moving average of the sizes passed to observe_size()
         self.min_window = min(min_window, max_window)
         self.trigger = trigger
         self.mark: bytes | None = None
@@ -84,9 +89,18 @@ class ReadAhead:
                 self.mark = None
                 self.stopped += 1
 
+    def observe_size(self, nbytes: int) -> None:
+        """The size of a record just loaded (any load: it sizes the next windows)."""
+        # Unlocked: a lost update only nudges an estimate.
+        avg = self._record_size
+        self._record_size = nbytes if avg == 0.0 else avg + (nbytes - avg) / 8
+
     def _advance(self, oid: int) -> range:
         start = max(self._end, oid) + 1
-        ahead = range(start, min(start + self._window, _OID_LIMIT))
+        count = self._window
+        if self._record_size > 0.0:
+            count = max(1, min(count, int(self.byte_budget // self._record_size)))
+        ahead = range(start, min(start + count, _OID_LIMIT))
         if not ahead:
             return _NOTHING
         self._window = min(self._window * 2, self.max_window)
@@ -101,4 +115,5 @@ class ReadAhead:
 
     def statistics(self) -> dict[str, int]:
         return {"windows": self.windows, "requested": self.requested,
-                "stopped": self.stopped, "max_window": self.max_window}
+                "stopped": self.stopped, "max_window": self.max_window,
+                "record_size": int(self._record_size)}

@@ -389,10 +389,13 @@ class ClientStorage(ConflictResolvingStorage):
 
     def _load_hook(self, oid: bytes):
         cache = self._cache
+        ahead = self._read_ahead
 
         def store_in_cache(result: Any) -> Any:
             if result is not None:
                 data, start, end = result
+                if ahead is not None:
+                    ahead.observe_size(len(data))
                 try:
                     cache.store(oid, start, end, data)
                 except Exception:
