@@ -1,4 +1,5 @@
-"""Sequential read-ahead: the sans-I/O policy, and a real client against a real server."""
+"""Speculative fetching (sequential read-ahead, reference prefetch feedback): the sans-I/O
+policies, and a real client against a real server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
 
 from support.servers import filestorage_conf, start_server
-from ZEO.client.readahead import ReadAhead
+from ZEO.client.readahead import PrefetchFeedback, ReadAhead
 from ZEO.ClientStorage import ClientStorage
 
 
@@ -212,3 +213,97 @@ def test_windows_shrink_to_the_byte_budget_for_large_records() -> None:
     huge.observe_size(64 << 20)
     huge.miss(k(0))
     assert len(huge.miss(k(1))) == 1  # never less than one
+
+
+# -- reference prefetch feedback ---------------------------------------------------------
+
+
+def test_feedback_keeps_the_full_count_while_fetched_references_are_used() -> None:
+    fb = PrefetchFeedback(horizon=16, weight=8)
+    for n in range(0, 400, 4):
+        batch = [k(n), k(n + 1), k(n + 2), k(n + 3)]
+        fb.issued(batch)
+        for oid in batch:
+            fb.used(oid)
+    assert fb.limit(32) == 32
+    assert fb.statistics()["used"] == 400 and fb.statistics()["wasted"] == 0
+
+
+def test_feedback_stops_fetching_references_that_random_access_never_uses() -> None:
+    fb = PrefetchFeedback(horizon=16, weight=8, probe=4)
+    n = 0
+    for _ in range(50):  # a bucket of 20 values fetched, one of them read, then other loads
+        batch = [k(n + i) for i in range(20)]
+        n += 20
+        fb.issued(batch)
+        fb.used(batch[7])
+        for j in range(20):
+            fb.used(k(10**6 + n + j))  # unrelated loads: the horizon passes
+    stats = fb.statistics()
+    assert stats["wasted"] >= 900 and stats["score"] < 0.25
+    limits = [fb.limit(32) for _ in range(8)]
+    assert limits.count(0) == 6 and limits.count(1) == 2  # only the probes fetch, one each
+
+
+def test_feedback_recovers_when_a_traversal_follows_random_access() -> None:
+    fb = PrefetchFeedback(horizon=64, weight=8, probe=2)
+    fb.issued([k(i) for i in range(100)])
+    for j in range(200):
+        fb.used(k(1000 + j))
+    assert fb.limit(32) == 0
+    n = 5000
+    for _ in range(40):  # the traversal: every reference fetched (by the probes) is read
+        count = fb.limit(32)
+        batch = [k(n + i) for i in range(count)]
+        n += count
+        fb.issued(batch)
+        for oid in batch:
+            fb.used(oid)
+    assert fb.limit(32) == 32
+
+
+def test_feedback_memory_is_bounded_when_nothing_else_is_loaded() -> None:
+    fb = PrefetchFeedback(horizon=1000, capacity=64)
+    for n in range(0, 1000, 10):
+        fb.issued([k(n + i) for i in range(10)])
+    assert len(fb._outstanding) <= 64
+    assert fb.statistics()["wasted"] == 1000 - len(fb._outstanding)
+    with pytest.raises(ValueError):
+        PrefetchFeedback(horizon=0)
+
+
+def test_random_reads_through_zodb_turn_reference_prefetch_down(server) -> None:
+    import random
+
+    import ZODB
+    from BTrees.OOBTree import OOBTree
+    from persistent.mapping import PersistentMapping
+
+    writer = ZODB.DB(ClientStorage(server.addr, wait=True))
+    try:
+        tm = transaction.TransactionManager()
+        conn = writer.open(tm)
+        tree = conn.root()["tree"] = OOBTree()
+        for i in range(3000):
+            tree[i] = PersistentMapping(v=i)
+        tm.commit()
+    finally:
+        writer.close()
+
+    def reader(read) -> dict:
+        storage = ClientStorage(server.addr, wait=True, read_ahead=0)
+        db = ZODB.DB(storage, cache_size=10)
+        try:
+            tm = transaction.TransactionManager()
+            tree = db.open(tm).root()["tree"]
+            read(tree)
+            return storage.statistics()["prefetch_references"]
+        finally:
+            db.close()
+
+    rng = random.Random(3)
+    randomly = reader(lambda tree: [tree[rng.randrange(3000)]["v"] for _ in range(1500)])
+    assert randomly["wasted"] > randomly["used"]
+    assert randomly["score"] < 0.25
+    in_order = reader(lambda tree: [v["v"] for v in tree.values()])
+    assert in_order["used"] > 2500 and in_order["score"] > 0.9

@@ -1,4 +1,4 @@
-"""Sequential read-ahead for cold loads: which oids to fetch before they are asked for.
+"""Speculative fetching for cold loads: which oids to fetch before they are asked for.
 
 Objects written together get consecutive oids, and applications often read them back in that
 order (a migration, an export, a catalog rebuild, ``storage.load`` in a loop).  One round trip
@@ -117,3 +117,93 @@ class ReadAhead:
         return {"windows": self.windows, "requested": self.requested,
                 "stopped": self.stopped, "max_window": self.max_window,
                 "record_size": int(self._record_size)}
+
+
+class PrefetchFeedback:
+    """How useful the references fetched ahead have been lately, and so how many to fetch.
+
+    Fetching the objects a record references pays off in a traversal and is pure waste in
+    random access (a BTree bucket names dozens of values; a random read wants one), where it
+    costs the server, which every client shares, reads for nothing.  :meth:`issued` is told
+    the oids fetched ahead, :meth:`used` about every load.  An oid is judged *used* when the
+    application loads it within ``horizon`` loads of its request, *wasted* otherwise.
+    :meth:`used` answers with the oid requested after it in the same batch (its next
+    sibling), so the caller can stay one record ahead in a traversal.  A moving
+    average of those verdicts scales :meth:`limit`: the full count while at least half are
+    used, proportionally less down to none at a quarter, and while it is none every
+    ``probe``-th record still fetches one reference, so a traversal that starts later is
+    noticed.
+
+    No I/O.  Thread-safe.
+    """
+
+    def __init__(self, horizon: int = 256, weight: int = 32, probe: int = 16,
+                 capacity: int = 4096) -> None:
+        if min(horizon, weight, probe, capacity) < 1:
+            raise ValueError("horizon, weight, probe and capacity must be positive")
+        self.horizon = horizon
+        self._alpha = 1.0 / weight
+        self._probe = probe
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._loads = 0  # loads seen while something was outstanding: the clock of verdicts
+        # oid -> (self._loads when requested, the next oid of its batch or b"")
+        self._outstanding: dict[bytes, tuple[int, bytes]] = {}
+        self.score = 1.0  # moving average of used (1) / wasted (0); optimistic at first
+        self.issued_count = 0
+        self.used_count = 0
+        self.wasted_count = 0
+
+    def limit(self, maximum: int) -> int:
+        """How many references of the record just loaded to fetch ahead, at most ``maximum``."""
+        score = self.score
+        # A wasted fetch costs the server about what a used one saves the client.
+        n = min(maximum, int(maximum * (score - 0.25) * 4.0)) if score > 0.25 else 0
+        if n == 0:
+            self._calls += 1  # unlocked: a lost increment only shifts a probe
+            if self._calls % self._probe == 0:
+                return min(1, maximum)
+        return n
+
+    def issued(self, oids: list[bytes]) -> None:
+        """These oids were just requested ahead of use."""
+        with self._lock:
+            outstanding = self._outstanding
+            stamp = self._loads
+            for oid, after in zip(oids, [*oids[1:], b""]):
+                outstanding[oid] = (stamp, after)
+            self.issued_count += len(oids)
+            self._judge()
+
+    def used(self, oid: bytes) -> bytes | None:
+        """``oid`` is being loaded by the application.
+
+        If it was fetched ahead (it is judged used now), the oid requested after it in the
+        same batch (``b""`` for the last); else None.
+        """
+        if not self._outstanding:
+            return None  # the common case, without the lock
+        with self._lock:
+            self._loads += 1
+            entry = self._outstanding.pop(oid, None)
+            if entry is not None:
+                self.used_count += 1
+                self.score += self._alpha * (1.0 - self.score)
+            self._judge()
+            return None if entry is None else entry[1]
+
+    def _judge(self) -> None:
+        outstanding = self._outstanding
+        oldest = self._loads - self.horizon
+        while outstanding:
+            oid, (stamp, _) = next(iter(outstanding.items()))
+            if stamp >= oldest and len(outstanding) <= self._capacity:
+                break
+            del outstanding[oid]
+            self.wasted_count += 1
+            self.score -= self._alpha * self.score
+
+    def statistics(self) -> dict[str, float]:
+        return {"issued": self.issued_count, "used": self.used_count,
+                "wasted": self.wasted_count, "score": round(self.score, 3)}

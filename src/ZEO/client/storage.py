@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import threading
@@ -36,7 +37,11 @@ from .blob import BlobStore, open_blob_store
 from .cache import ClientCache
 from .connection import Call, Connection
 from .manager import ConnectionManager, normalize_addresses
-from .readahead import ReadAhead
+from .readahead import PrefetchFeedback, ReadAhead
+
+# A record without the opcode of a persistent reference references nothing: BINPERSID for
+# protocol 1 and up (ZODB's; a protocol 2+ pickle starts with PROTO), PERSID for protocol 0.
+_BINPERSID, _PERSID, _PROTO = pickle.BINPERSID, pickle.PERSID, pickle.PROTO
 
 logger = logging.getLogger("ZEO.ClientStorage")
 
@@ -117,6 +122,8 @@ class ClientStorage(ConflictResolvingStorage):
         # A cold load of a current record also fetches, pipelined, up to this many uncached
         # objects it references (a traversal then finds them cached); 0 turns it off.
         self._prefetch_references = max(0, int(prefetch_references))
+        # ... scaled down while those objects go unused (random access): ZEO.client.readahead.
+        self._prefetch_feedback = PrefetchFeedback() if self._prefetch_references else None
         # Cold loads of consecutive oids fetch up to this many of the following ones ahead
         # (ZEO.client.readahead); 0 turns it off.
         self._read_ahead = ReadAhead(int(read_ahead)) if int(read_ahead) > 0 else None
@@ -379,6 +386,8 @@ class ClientStorage(ConflictResolvingStorage):
                                  "generation": self._generation}
         if self._read_ahead is not None:
             stats["read_ahead"] = self._read_ahead.statistics()
+        if self._prefetch_feedback is not None:
+            stats["prefetch_references"] = self._prefetch_feedback.statistics()
         try:
             stats["cache"] = self._cache.statistics()
         except AttributeError:
@@ -411,26 +420,67 @@ class ClientStorage(ConflictResolvingStorage):
 
     def _prefetch_hook(self, conn: Connection):
         def prefetch_references(result: Any) -> None:  # reader thread, caller already woken
-            if result is None or result[2] is not None:
-                return  # only a current record says what is current to fetch
-            try:
-                refs = referencesf(result[0])
-            except Exception:
-                return  # not a plain ZODB record (e.g. transformed data): nothing to do
-            cache = self._cache
-            calls = []
-            for ref in dict.fromkeys(refs):
-                if cache.load(ref) is None:
-                    calls.append(((ref, MAXTID), (ref, MAXTID), self._load_hook(ref)))
-                    if len(calls) >= self._prefetch_references:
-                        break
-            if calls:
-                try:
-                    conn.call_many("loadBefore", calls)
-                except ClientDisconnected:
-                    pass
+            if result is not None and result[2] is None:
+                # Only a current record says what is current to fetch.
+                self._prefetch_references_of(conn, result[0])
 
         return prefetch_references
+
+    def _prefetch_references_of(self, conn: Connection, data: bytes) -> bool:
+        """Request, pipelined, the uncached objects ``data`` references (as many as useful).
+
+        False when the record references nothing.
+        """
+        if _BINPERSID not in data and (data[:1] == _PROTO or _PERSID not in data):
+            return False  # no persistent reference can be in it: skip the unpickling
+        feedback = self._prefetch_feedback
+        limit = feedback.limit(self._prefetch_references)
+        if not limit:
+            return True
+        try:
+            refs = referencesf(data)
+        except Exception:
+            return False  # not a plain ZODB record (e.g. transformed data): nothing to do
+        cache = self._cache
+        calls = []
+        for ref in dict.fromkeys(refs):
+            if cache.load(ref) is None:
+                calls.append(((ref, MAXTID), (ref, MAXTID), self._load_hook(ref)))
+                if len(calls) >= limit:
+                    break
+        if calls:
+            feedback.issued([c[0][0] for c in calls])
+            try:
+                conn.call_many("loadBefore", calls)
+            except ClientDisconnected:
+                pass
+        return True
+
+    def _used_ahead(self, oid: bytes, sibling: bytes) -> None:
+        """``oid`` was fetched ahead and is now wanted: fetch ahead what it and ``sibling``
+        (requested after it, b"" if none) reference in turn.
+
+        A record fetched ahead brings no references of its own (that would cascade through
+        the whole database); the application's use of it is what earns the next step.  The
+        sibling's references go too, so a traversal (bucket after bucket) never waits for
+        the first object of the next one.
+        """
+        conn = self._conn
+        if conn is None:
+            return
+        ahead = self._read_ahead
+        if ahead is not None:
+            # To the read-ahead a use of what was fetched ahead is a miss avoided, not a hit:
+            # objects written together and read in order still form a sequence to detect.
+            oids = ahead.miss(oid)
+            if oids:
+                self._fetch_ahead(conn, oids)
+        hit = self._cache.load(oid)
+        if hit is None or not self._prefetch_references_of(conn, hit[0]) or not sibling:
+            return  # a leaf's siblings are leaves too, as a rule
+        hit = self._cache.load(sibling)
+        if hit is not None:
+            self._prefetch_references_of(conn, hit[0])
 
     def _fetch_ahead(self, conn: Connection, oids: range) -> None:
         cache = self._cache
@@ -458,6 +508,11 @@ class ClientStorage(ConflictResolvingStorage):
     def loadBefore(self, oid: bytes, tid: bytes):
         cache = self._cache
         ahead = self._read_ahead
+        feedback = self._prefetch_feedback
+        if feedback is not None:
+            sibling = feedback.used(oid)
+            if sibling is not None:
+                self._used_ahead(oid, sibling)
         if ahead is not None and oid == ahead.mark:
             self._reached_mark(ahead, oid)
         r = cache.loadBefore(oid, tid)
@@ -482,6 +537,11 @@ class ClientStorage(ConflictResolvingStorage):
 
     def load(self, oid: bytes, version: str = ""):
         ahead = self._read_ahead
+        feedback = self._prefetch_feedback
+        if feedback is not None:
+            sibling = feedback.used(oid)
+            if sibling is not None:
+                self._used_ahead(oid, sibling)
         if ahead is not None and oid == ahead.mark:
             self._reached_mark(ahead, oid)
         r = self._cache.load(oid)
