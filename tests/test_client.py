@@ -358,3 +358,36 @@ def test_unix_socket_and_address_list(make_server, closing, kind, tmp_path):
     db = closing(ZODB.DB(st))
     tid = commit_value(db, "x", 1)
     assert [t.tid for t in st.iterator()][-1] == tid
+
+
+def test_socket_transport_sends_parts_in_order_through_partial_writes() -> None:
+    """Vectored sends of many parts, some far larger than the socket buffer, arrive intact."""
+    import os
+    import socket
+
+    from ZEO.client.connection import SocketTransport
+
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    parts = [os.urandom(n) for n in (0, 5, 3_000_000, 0, 17, 200_000)]
+    parts += [bytes([i % 256]) * (i % 7) for i in range(3000)]  # more parts than IOV_MAX
+    expected = b"".join(parts)
+    received = bytearray()
+
+    def read() -> None:
+        while len(received) < len(expected):
+            chunk = b.recv(65536)
+            if not chunk:
+                return
+            received.extend(chunk)
+            time.sleep(0.0005 if len(received) < 100_000 else 0)  # force partial writes
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        SocketTransport(a).sendall_parts(parts)
+        reader.join(30)
+    finally:
+        a.close()
+        b.close()
+    assert bytes(received) == expected

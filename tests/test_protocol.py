@@ -76,6 +76,16 @@ def test_encode_frame_limit_is_inclusive():
         encode_frame(b"abcde", max_size=4)
 
 
+@pytest.mark.parametrize("codec", [PickleCodec(), MsgpackCodec()], ids=["pickle", "msgpack"])
+def test_codec_encode_frame_is_the_header_then_the_payload(codec):
+    for msg in [(1, 0, "ping", ()), (2, 1, "storea", (Z64, Z64, b"x" * 300_000, 7))]:
+        payload = codec.encode(msg)
+        assert codec.encode_frame(msg, DEFAULT_MAX_MESSAGE_SIZE) == encode_frame(payload)
+        assert codec.encode_frame(msg, len(payload)) == encode_frame(payload)  # inclusive
+        with pytest.raises(LocalProtocolError):
+            codec.encode_frame(msg, len(payload) - 1)
+
+
 def test_decoder_joined_frames_in_one_feed():
     payloads = [b"Z5", b"", b"hello", b"x" * 1000]
     data = b"".join(frame(p) for p in payloads)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import _thread
 import itertools
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -39,10 +40,19 @@ logger = logging.getLogger("ZEO.client")
 RECV_SIZE = 1 << 18
 
 
+_HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
+try:
+    _IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 16
+
+
 class Transport(Protocol):
     """The byte stream a :class:`Connection` runs over."""
 
     def sendall(self, data: bytes) -> None: ...
+
+    def sendall_parts(self, parts: list[bytes]) -> None: ...
 
     def recv(self, n: int) -> bytes: ...
 
@@ -57,6 +67,29 @@ class SocketTransport:
 
     def sendall(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def sendall_parts(self, parts: list[bytes]) -> None:
+        """Send ``parts`` in order as one stream, with vectored writes (no joined copy)."""
+        if not _HAS_SENDMSG:
+            self.sock.sendall(b"".join(parts))
+            return
+        sock = self.sock
+        todo: list = list(parts)
+        start = 0
+        end = len(todo)
+        while start < end:
+            if not len(todo[start]):
+                start += 1
+                continue
+            sent = sock.sendmsg(todo[start:start + _IOV_MAX])
+            while sent:
+                size = len(todo[start])
+                if sent >= size:
+                    sent -= size
+                    start += 1
+                else:
+                    todo[start] = memoryview(todo[start])[sent:]
+                    sent = 0
 
     def recv(self, n: int) -> bytes:
         return self.sock.recv(n)
@@ -256,10 +289,12 @@ class Connection:
         held = self._held
         if held:
             held.append(data)
-            data = b"".join(held)
+            parts = held[:]
             held.clear()
             self._held_bytes = 0
-        self.transport.sendall(data)
+            self.transport.sendall_parts(parts)
+        else:
+            self.transport.sendall(data)
 
     def call_many(self, name: str, calls: list[tuple[Any, tuple, Callable[[Any], Any]]],
                   on_error: Callable[[Any, BaseException], None] | None = None) -> None:

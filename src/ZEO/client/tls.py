@@ -105,6 +105,9 @@ class TLSTransport(SocketTransport):
             finally:
                 self._send_lock.release()
 
+    def sendall_parts(self, parts: list[bytes]) -> None:
+        self.sendall(b"".join(parts))  # one TLS record stream: encrypted pieces anyway
+
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)
         with self._send_lock:

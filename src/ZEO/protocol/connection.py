@@ -57,7 +57,7 @@ class _Base:
         codec = self.codec
         if codec is None:
             raise LocalProtocolError("no message can be sent before the handshake")
-        return encode_frame(codec.encode(msg), self.max_message_size)
+        return codec.encode_frame(msg, self.max_message_size)
 
     def send_reply(self, msgid: Any, value: Any) -> bytes:
         """A normal reply; an unencodable value becomes an error reply instead."""
