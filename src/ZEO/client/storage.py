@@ -505,16 +505,21 @@ class ClientStorage(ConflictResolvingStorage):
         if oids and conn is not None:
             self._fetch_ahead(conn, oids)
 
-    def loadBefore(self, oid: bytes, tid: bytes):
-        cache = self._cache
-        ahead = self._read_ahead
+    def _speculate(self, oid: bytes) -> None:
+        """Before a load of ``oid``: tell the prefetch feedback and the read-ahead of it."""
         feedback = self._prefetch_feedback
         if feedback is not None:
             sibling = feedback.used(oid)
             if sibling is not None:
                 self._used_ahead(oid, sibling)
+        ahead = self._read_ahead
         if ahead is not None and oid == ahead.mark:
             self._reached_mark(ahead, oid)
+
+    def loadBefore(self, oid: bytes, tid: bytes):
+        cache = self._cache
+        ahead = self._read_ahead
+        self._speculate(oid)
         r = cache.loadBefore(oid, tid)
         if r is not None:
             return r
@@ -536,14 +541,7 @@ class ClientStorage(ConflictResolvingStorage):
         return call.wait()
 
     def load(self, oid: bytes, version: str = ""):
-        ahead = self._read_ahead
-        feedback = self._prefetch_feedback
-        if feedback is not None:
-            sibling = feedback.used(oid)
-            if sibling is not None:
-                self._used_ahead(oid, sibling)
-        if ahead is not None and oid == ahead.mark:
-            self._reached_mark(ahead, oid)
+        self._speculate(oid)
         r = self._cache.load(oid)
         if r is not None:
             return r
