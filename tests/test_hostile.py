@@ -439,3 +439,24 @@ def test_msgpack_client_on_pickle_server(server, good):
         # string msgids are echoed unchanged
         c.send_message(("anything", False, "ping", ()))
         assert c.recv_message() == ("anything", 0, ".reply", None)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("memo_op", [
+    b"r" + (2**31 - 1).to_bytes(4, "little"),  # LONG_BINPUT: the memo grows to that index
+    b"p2147483647\n",  # PUT, the text form
+])
+def test_memo_index_bomb(ours_limited, memo_op):
+    """A 20-byte frame whose memo index would make the unpickler allocate 16 GiB."""
+    srv = ours_limited
+    good = RawClient(srv.addr)
+    good.handshake()
+    good.register("1", False)
+    with RawClient(srv.addr) as evil:
+        evil.handshake(b"Z")
+        evil.register("1", False)
+        evil.send_frame(b"\x80\x03N" + memo_op + b".")
+        assert_closed(evil)
+    assert "MemoryError" not in srv.log()
+    assert_still_serving(srv, good)
+    good.close()

@@ -12,6 +12,7 @@ import functools
 import importlib
 import io
 import pickle
+import pickletools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -58,6 +59,74 @@ def client_allowed_globals() -> frozenset[tuple[str, str]]:
                 names.add((module.__name__, name))
     names.add(("BTrees.Interfaces", "BTreesConflictError"))
     return frozenset(names)
+
+
+# How to step over each pickle opcode's argument without decoding it (from pickletools' table).
+_NEWLINE, _TWO_NEWLINES, _LEN1, _LEN4, _LEN8, _MEMO, _STOP, _UNKNOWN = range(-8, 0)
+_MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET"}
+
+
+def _opcode_steps() -> list[int]:
+    steps = [_UNKNOWN] * 256
+    lengths = {pickletools.TAKEN_FROM_ARGUMENT1: _LEN1, pickletools.TAKEN_FROM_ARGUMENT4: _LEN4,
+               pickletools.TAKEN_FROM_ARGUMENT4U: _LEN4, pickletools.TAKEN_FROM_ARGUMENT8U: _LEN8}
+    for op in pickletools.opcodes:
+        if op.name in _MEMO_OPCODES:
+            step = _MEMO
+        elif op.name == "STOP":
+            step = _STOP
+        elif op.arg is None:
+            step = 0
+        elif op.arg.n == pickletools.UP_TO_NEWLINE:
+            step = _TWO_NEWLINES if op.arg.name.endswith("_pair") else _NEWLINE
+        elif op.arg.n >= 0:
+            step = op.arg.n
+        else:
+            step = lengths[op.arg.n]
+        steps[ord(op.code.encode("latin-1"))] = step
+    return steps
+
+
+_STEPS = _opcode_steps()
+
+
+def check_no_memo(payload: bytes) -> None:
+    """Raise ``RemoteProtocolError`` if the pickle in ``payload`` touches the memo.
+
+    ZEO writes messages without a memo.  The unpickler grows its memo to any index a PUT
+    names *before* we could look at the result: ``LONG_BINPUT 0x7fffffff`` in a 20-byte
+    message would make it allocate and clear 16 GiB.  So the opcodes are checked first,
+    stepping over arguments without copying them (lengths are read unsigned, so a bad one
+    only ends the walk, and the unpickler then reports the truncation).
+    """
+    steps = _STEPS
+    i = 0
+    n = len(payload)
+    try:
+        while i < n:
+            step = steps[payload[i]]
+            i += 1
+            if step >= 0:
+                i += step
+            elif step == _LEN1:
+                i += 1 + payload[i]
+            elif step == _LEN4:
+                i += 4 + int.from_bytes(payload[i:i + 4], "little")
+            elif step == _LEN8:
+                i += 8 + int.from_bytes(payload[i:i + 8], "little")
+            elif step == _STOP:
+                return
+            elif step == _NEWLINE or step == _TWO_NEWLINES:
+                i = payload.index(b"\n", i) + 1
+                if step == _TWO_NEWLINES:
+                    i = payload.index(b"\n", i) + 1
+            elif step == _MEMO:
+                raise RemoteProtocolError("pickle message uses the memo (shared references)")
+            else:
+                raise RemoteProtocolError(f"undecodable pickle message: opcode {payload[i - 1]}")
+    except (IndexError, ValueError):
+        raise RemoteProtocolError("undecodable pickle message: truncated") from None
+    raise RemoteProtocolError("undecodable pickle message: no STOP")
 
 
 class ForbiddenGlobal(RemoteProtocolError):
@@ -125,17 +194,15 @@ class PickleCodec:
         return f.getvalue()
 
     def decode(self, payload: bytes) -> Message:
+        # No memo: besides the allocation (check_no_memo), a memo lets a small pickle describe
+        # a structure whose walk (repr, re-encoding) is exponential.
+        check_no_memo(payload)
         try:
-            unpickler = self._unpickler(io.BytesIO(payload))
-            msg = unpickler.load()
+            msg = self._unpickler(io.BytesIO(payload)).load()
         except RemoteProtocolError:
             raise
         except Exception as e:  # any malformed pickle is the peer's fault
             raise RemoteProtocolError(f"undecodable pickle message: {type(e).__name__}") from e
-        if unpickler.memo.copy():
-            # ZEO writes messages without a memo. A memo lets a small pickle describe a
-            # structure whose walk (repr, re-encoding) is exponential: refuse it.
-            raise RemoteProtocolError("pickle message uses the memo (shared references)")
         return _check_message(msg)
 
 
