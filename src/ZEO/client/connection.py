@@ -1,13 +1,17 @@
-"""One client connection: a blocking socket, one reader thread, callers that write themselves.
+"""One client connection: a blocking socket, a reader thread, callers that write themselves.
 
 Threading contract (docs/design.rst, "Threading and ordering (client)"):
 
 * A caller encodes its frame and writes it under ``_send_lock``; a two-way call registers a
   :class:`Call` in the pending table first and then waits on it.
-* The reader thread decodes every incoming frame in arrival order.  For a reply it runs the
-  call's ``on_reply`` hook (cache work, ZODB callbacks) *before* waking the waiters; for a
-  server call it calls ``handler.server_call(name, args)``.  So whatever the hooks and the
-  handler do happens in exactly the server's order.
+* Whoever holds the *read role* (``_role``) decodes incoming frames, in arrival order.  For a
+  reply it runs the call's ``on_reply`` hook (cache work, ZODB callbacks) *before* waking the
+  waiters; for a server call it calls ``handler.server_call(name, args)``.  So whatever the
+  hooks and the handler do happens in exactly the server's order.
+* On a plain socket with ``epoll`` (Linux), a caller waiting for its reply takes the read
+  role itself when it is free ("leader"): it reads the socket until its reply is dispatched,
+  so the reply needs no hand-over from another thread.  Otherwise (the role is busy, TLS, no
+  epoll) it waits for the reader thread, which reads whenever no caller does.
 * When the connection ends, every pending call fails at once with ``ClientDisconnected`` and
   ``handler.connection_lost(connection)`` runs (once), on the reader thread.
 
@@ -21,8 +25,10 @@ import _thread
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,6 +44,12 @@ from ZEO.protocol.messages import REPLY
 logger = logging.getLogger("ZEO.client")
 
 RECV_SIZE = 1 << 18
+
+#: Callers read their own replies (see the module docstring) where epoll exists.
+LEADER_READS = hasattr(select, "epoll")
+if LEADER_READS:
+    _ARMED = select.EPOLLIN | select.EPOLLONESHOT
+    _DISARMED = select.EPOLLONESHOT
 
 
 _HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
@@ -137,13 +149,15 @@ class Call:
     """One pending two-way call.  Several waiters may share it (request collapsing)."""
 
     __slots__ = ("msgid", "name", "on_reply", "after_reply", "on_error", "_lock", "_done",
-                 "value", "exc")
+                 "value", "exc", "_lead")
 
     def __init__(self, msgid: Any, name: str,
                  on_reply: Callable[[Any], Any] | None = None,
                  after_reply: Callable[[Any], None] | None = None,
-                 on_error: Callable[[Any, BaseException], None] | None = None) -> None:
+                 on_error: Callable[[Any, BaseException], None] | None = None,
+                 lead: Callable[[Call, float | None], None] | None = None) -> None:
         self.msgid = msgid
+        self._lead = lead  # the connection's Connection._lead, or None
         self.name = name
         self.on_reply = on_reply  # reader thread, before the waiters wake
         self.after_reply = after_reply  # reader thread, after they woke (nothing to wait for)
@@ -167,6 +181,12 @@ class Call:
 
     def wait(self, timeout: float | None = None) -> Any:
         """The reply value; raise the error reply or ``ClientDisconnected``."""
+        if not self._done:
+            if self._lead is not None:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                self._lead(self, deadline)
+                if deadline is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
         if not self._done:
             if not self._lock.acquire(True, -1 if timeout is None else timeout):
                 raise ClientDisconnected(f"timed out waiting for the reply to {self.name}")
@@ -200,13 +220,25 @@ class Connection:
         self._held_bytes = 0
         # Never held while doing I/O: the reader takes it, and must never wait for a writer.
         self._pending_lock = threading.Lock()
+        # The read role: held by whoever reads the socket and dispatches frames.
+        self._role = threading.Lock()
+        self._epoll: Any = None
+        self._lead_fn: Callable[[Call, float | None], None] | None = None
+        if LEADER_READS and type(transport) is SocketTransport:
+            self._sock = transport.sock
+            self._fd = self._sock.fileno()
+            self._epoll = select.epoll()
+            self._epoll.register(self._fd, _ARMED)
+            self._poller = select.poll()  # a leader's wait with a deadline (under _role)
+            self._poller.register(self._fd, select.POLLIN)
+            self._lead_fn = self._lead
         self._pending: dict[Any, Call] = {}
         self._msgids = itertools.count(1)
         self.closed = False
         self._lost_reported = False
         self._backlog: list = []
         self._reader = threading.Thread(
-            target=self._read_loop, name=f"{name} zeo client reader", daemon=True)
+            target=self._reader_main, name=f"{name} zeo client reader", daemon=True)
 
     @classmethod
     def open(cls, addr: Any, handler: Handler, *, timeout: float = 10.0, name: str = "",
@@ -274,7 +306,7 @@ class Connection:
                 existing = self._pending.get(msgid)
                 if existing is not None:
                     return existing
-                call = Call(msgid, name, on_reply, after_reply)
+                call = Call(msgid, name, on_reply, after_reply, None, self._lead_fn)
                 self._pending[msgid] = call
             try:
                 self._send_locked(self.protocol.send_call(msgid, name, args))
@@ -311,7 +343,8 @@ class Connection:
                 for msgid, args, on_reply in calls:
                     if msgid in self._pending:
                         continue
-                    self._pending[msgid] = Call(msgid, name, on_reply, None, on_error)
+                    self._pending[msgid] = Call(msgid, name, on_reply, None, on_error,
+                                                self._lead_fn)
                     frames.append(self.protocol.send_call(msgid, name, args))
             if not frames:
                 return
@@ -381,6 +414,14 @@ class Connection:
     def close(self) -> None:
         """Close the socket and fail every pending call; the reader thread then ends."""
         self._mark_closed()
+        if self._epoll is not None and self._reader.is_alive():
+            # Only shut it down: the reader closes it.  A file closed under its epoll wait
+            # vanishes from it without waking it, so it would sleep out its poll timeout.
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
         self.transport.close()
 
     def _mark_closed(self) -> list[Call]:
@@ -398,19 +439,13 @@ class Connection:
 
     # -- reading (reader thread) ------------------------------------------------------------
 
-    def _read_loop(self) -> None:
+    def _reader_main(self) -> None:
+        """The reader thread: read until the connection ends, then report the loss once."""
         try:
-            for msg in self._backlog:
-                self._dispatch(msg)
-            self._backlog = []
-            recv = self.transport.recv
-            receive = self.protocol.receive_data
-            while not self.closed:
-                data = recv(RECV_SIZE)
-                if not data:
-                    break
-                for msg in receive(data):
-                    self._dispatch(msg)
+            if self._epoll is not None:
+                self._poll_frames()
+            else:
+                self._read_frames()
         except ProtocolViolation as e:
             logger.error("protocol error from %r, closing: %s", self.peer, e)
         except OSError as e:
@@ -419,17 +454,128 @@ class Connection:
         except Exception:
             logger.exception("client reader for %r failed", self.peer)
         finally:
-            self._mark_closed()
+            self._reader_done()
+            if self._epoll is not None:
+                self._epoll.close()
+
+    def _read_frames(self) -> None:
+        """Read with a blocking ``recv``: callers never lead (TLS, no epoll)."""
+        for msg in self._backlog:
+            self._dispatch(msg)
+        self._backlog = []
+        recv = self.transport.recv
+        receive = self.protocol.receive_data
+        while not self.closed:
+            data = recv(RECV_SIZE)
+            if not data:
+                return
+            for msg in receive(data):
+                self._dispatch(msg)
+
+    def _reader_done(self) -> None:
+        self._mark_closed()
+        try:
+            self.transport.close()
+        except OSError:
+            pass
+        if not self._lost_reported:
+            self._lost_reported = True
             try:
-                self.transport.close()
-            except OSError:
-                pass
-            if not self._lost_reported:
-                self._lost_reported = True
+                self.handler.connection_lost(self)
+            except Exception:
+                logger.exception("connection_lost handler failed")
+
+    def _poll_frames(self) -> None:
+        """Read only while no caller leads.
+
+        The socket is registered one-shot: an event disarms it, and whoever holds the read
+        role re-arms it when done, so a leading caller's reply does not wake this thread too.
+        """
+        epoll = self._epoll
+        sock = self._sock
+        with self._role:
+            for msg in self._backlog:
+                self._dispatch(msg)
+            self._backlog = []
+        receive = self.protocol.receive_data
+        while not self.closed:
+            if not epoll.poll(1.0):
+                continue  # (a close that raced a leader's re-arm is noticed here)
+            with self._role:
+                if self.closed:
+                    return
                 try:
-                    self.handler.connection_lost(self)
-                except Exception:
-                    logger.exception("connection_lost handler failed")
+                    data = sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    data = None  # a leader read it first
+                if data is not None:
+                    if not data:
+                        return
+                    for msg in receive(data):
+                        self._dispatch(msg)
+                epoll.modify(self._fd, _ARMED)
+
+    def _lead(self, call: Call, deadline: float | None) -> None:
+        """Caller thread: read and dispatch until ``call`` is done, if the read role is free.
+
+        Returns early (``call`` not done) when another thread reads, at ``deadline``, or when
+        the connection ends; the caller then waits on the call as usual.
+        """
+        if not self._role.acquire(False):
+            return
+        try:
+            if call._done or self.closed:
+                return
+            fd = self._fd
+            epoll = self._epoll
+            epoll.modify(fd, _DISARMED)
+            try:
+                self._lead_until(call, deadline)
+            finally:
+                try:
+                    epoll.modify(fd, _ARMED)
+                except (OSError, ValueError):
+                    pass  # closed meanwhile; the reader thread ends on its own
+        finally:
+            self._role.release()
+
+    def _lead_until(self, call: Call, deadline: float | None) -> None:
+        sock = self._sock
+        receive = self.protocol.receive_data
+        try:
+            while not call._done:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._poller.poll(remaining * 1000):
+                        return
+                data = sock.recv(RECV_SIZE)
+                if not data:
+                    self._end_from_leader()
+                    return
+                for msg in receive(data):
+                    self._dispatch(msg)
+        except OSError as e:
+            if not self.closed:
+                logger.info("connection to %r lost: %s", self.peer, e)
+            self._end_from_leader()
+        except ProtocolViolation as e:
+            logger.error("protocol error from %r, closing: %s", self.peer, e)
+            self._end_from_leader()
+        except BaseException as e:
+            # Frames may be half dispatched (an interrupt): this stream cannot go on.
+            if isinstance(e, Exception):
+                logger.exception("client reader for %r failed", self.peer)
+            self._end_from_leader()
+            if not isinstance(e, Exception):
+                raise
+
+    def _end_from_leader(self) -> None:
+        """Fail the pending calls and shut the socket; the reader thread reports the loss."""
+        self._mark_closed()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _dispatch(self, msg: tuple) -> None:
         msgid, flags, name, args = msg
