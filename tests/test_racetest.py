@@ -115,11 +115,24 @@ class RaceWithReconnects(racetest.RaceTests, unittest.TestCase):
         self.stop = threading.Event()
         self.cuts = 0
         self.gate: threading.Lock | None = None
+        # Cuts start once racetest's init() has created the database and its initial state:
+        # the checkers' workers are under test, not that set-up (a cut in its commit failed
+        # the whole test before any worker ran).
+        self.initialized = threading.Event()
+        state_init = racetest._state_init
+
+        def _state_init(db, spec):
+            state_init(db, spec)
+            self.initialized.set()
+
+        self._restore_state_init = lambda: setattr(racetest, "_state_init", state_init)
+        racetest._state_init = _state_init
         self.chaos = threading.Thread(target=self._chaos, daemon=True)
         self.chaos.start()
 
     def _chaos(self) -> None:
         rnd = random.Random(0)
+        self.initialized.wait()
         while not self.stop.wait(rnd.uniform(0.05, 0.25)):
             gate = self.gate
             if gate is None:
@@ -133,7 +146,9 @@ class RaceWithReconnects(racetest.RaceTests, unittest.TestCase):
                     time.sleep(0.005)
 
     def tearDown(self) -> None:
+        self._restore_state_init()
         self.stop.set()
+        self.initialized.set()
         self.chaos.join(10)
         self._storage.close()
         self.proxy.close()
