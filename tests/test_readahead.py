@@ -306,4 +306,7 @@ def test_random_reads_through_zodb_turn_reference_prefetch_down(server) -> None:
     assert randomly["wasted"] > randomly["used"]
     assert randomly["score"] < 0.25
     in_order = reader(lambda tree: [v["v"] for v in tree.values()])
-    assert in_order["used"] > 2500 and in_order["score"] > 0.9
+    # How many get fetched ahead depends on timing (a value the traversal asks for before its
+    # bucket's references go out is loaded, not prefetched): 2300-3100 of 3000 seen.
+    assert in_order["score"] > 0.9 and in_order["used"] > 2000
+    assert in_order["used"] > 20 * in_order["wasted"]
