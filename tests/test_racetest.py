@@ -171,10 +171,10 @@ class RaceWithReconnects(racetest.RaceTests, unittest.TestCase):
         assert self.cuts > 0
 
     @pytest.mark.xfail(strict=False, reason=(
-        "intermittent (about 1 run in 5 under load, also with read_ahead=0): a worker finds "
-        "its ZODB root UPTODATE with an empty __dict__ (KeyError '_container'), although "
-        "every record of oid 0 our client returned carried the root's full state; see "
-        "README.rst, 'Known failure'"))
+        "intermittent (about 1 run in 20 under load before leader reads, none in 30 since): a "
+        "worker finds its ZODB root UPTODATE with an empty __dict__ (KeyError '_container'), "
+        "which points at the cyclic GC clearing a live persistent object; see README.rst, "
+        "'Known failure'"))
     def test_race_external_invalidate_vs_disconnect(self):
         # racetest marks it long (level 2); ours runs it, with the proxy cutting as well.
         self._check_race_external_invalidate_vs_disconnect(racetest.T2ObjectsInc2Phase())
