@@ -54,6 +54,17 @@ def good(request):
     c.close()
 
 
+def registered(addr, letter: bytes | None = None) -> RawClient:
+    """A raw client, handshaken (``letter``: its encoding) and registered on storage 1."""
+    c = RawClient(addr)
+    if letter is None:
+        c.handshake()
+    else:
+        c.handshake(letter)
+    c.register("1", False)
+    return c
+
+
 def commit_one(c: RawClient) -> tuple[bytes, bytes]:
     """Commit one new object through raw calls; return (oid, tid)."""
     txn_id = next(_txn_ids)
@@ -384,13 +395,9 @@ def ours_limited(tmp_path):
 def test_shared_reference_bomb_as_msgid(ours_limited):
     """A msgid the server must echo, whose pickled form is exponential without the memo."""
     srv = ours_limited
-    good = RawClient(srv.addr)
-    good.handshake()
-    good.register("1", False)
+    good = registered(srv.addr)
     payload = b"\x80\x03(" + _laughs(30, tuples=True) + b"\x89" + _binunicode("ping") + b")t."
-    with RawClient(srv.addr) as evil:
-        evil.handshake(b"Z")
-        evil.register("1", False)
+    with registered(srv.addr, b"Z") as evil:
         evil.send_frame(payload)
         assert_closed(evil)  # refused: not answered with a reply or an error
     assert "MemoryError" not in srv.log()
@@ -401,9 +408,7 @@ def test_shared_reference_bomb_as_msgid(ours_limited):
 @pytest.mark.timeout(90)
 def test_shared_reference_bomb_as_argument(ours_limited):
     srv = ours_limited
-    good = RawClient(srv.addr)
-    good.handshake()
-    good.register("1", False)
+    good = registered(srv.addr)
     with RawClient(srv.addr) as evil:
         evil.handshake(b"Z")
         evil.send_frame(_register_with(_laughs(30)))
@@ -449,14 +454,30 @@ def test_msgpack_client_on_pickle_server(server, good):
 def test_memo_index_bomb(ours_limited, memo_op):
     """A 20-byte frame whose memo index would make the unpickler allocate 16 GiB."""
     srv = ours_limited
-    good = RawClient(srv.addr)
-    good.handshake()
-    good.register("1", False)
-    with RawClient(srv.addr) as evil:
-        evil.handshake(b"Z")
-        evil.register("1", False)
+    good = registered(srv.addr)
+    with registered(srv.addr, b"Z") as evil:
         evil.send_frame(b"\x80\x03N" + memo_op + b".")
         assert_closed(evil)
     assert "MemoryError" not in srv.log()
+    assert_still_serving(srv, good)
+    good.close()
+
+
+@pytest.mark.timeout(90)
+def test_memo_index_bomb_in_a_record_meets_conflict_resolution(ours_limited):
+    """A stored record is unpickled on the server only to resolve a conflict: still refused."""
+    srv = ours_limited
+    good = registered(srv.addr)
+    oid, _tid = commit_one(good)
+    bomb = b"\x80\x03N" + b"r" + (2**31 - 1).to_bytes(4, "little") + b"."
+    with registered(srv.addr, b"Z") as evil:
+        evil.oneway("tpc_begin", 901, b"", b"", {}, None, " ")
+        evil.oneway("storea", oid, Z64, bomb + bomb, 901)  # a stale serial: a conflict
+        with pytest.raises(RemoteError) as e:
+            evil.call("vote", 901)
+        assert "ConflictError" in e.value.args[0]
+        evil.call("tpc_abort", 901)
+    assert "MemoryError" not in srv.log()
+    assert "left unresolved: pickle memo index" in srv.log()
     assert_still_serving(srv, good)
     good.close()

@@ -62,8 +62,10 @@ def client_allowed_globals() -> frozenset[tuple[str, str]]:
 
 
 # How to step over each pickle opcode's argument without decoding it (from pickletools' table).
-_NEWLINE, _TWO_NEWLINES, _LEN1, _LEN4, _LEN8, _MEMO, _STOP, _UNKNOWN = range(-8, 0)
-_MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET"}
+(_NEWLINE, _TWO_NEWLINES, _LEN1, _LEN4, _LEN8, _MEMO_NEWLINE, _MEMO1, _MEMO4, _MEMOIZE, _STOP,
+ _UNKNOWN) = range(-11, 0)
+_MEMO_STEPS = {"PUT": _MEMO_NEWLINE, "GET": _MEMO_NEWLINE, "BINPUT": _MEMO1, "BINGET": _MEMO1,
+               "LONG_BINPUT": _MEMO4, "LONG_BINGET": _MEMO4, "MEMOIZE": _MEMOIZE}
 
 
 def _opcode_steps() -> list[int]:
@@ -71,8 +73,8 @@ def _opcode_steps() -> list[int]:
     lengths = {pickletools.TAKEN_FROM_ARGUMENT1: _LEN1, pickletools.TAKEN_FROM_ARGUMENT4: _LEN4,
                pickletools.TAKEN_FROM_ARGUMENT4U: _LEN4, pickletools.TAKEN_FROM_ARGUMENT8U: _LEN8}
     for op in pickletools.opcodes:
-        if op.name in _MEMO_OPCODES:
-            step = _MEMO
+        if op.name in _MEMO_STEPS:
+            step = _MEMO_STEPS[op.name]
         elif op.name == "STOP":
             step = _STOP
         elif op.arg is None:
@@ -90,14 +92,13 @@ def _opcode_steps() -> list[int]:
 _STEPS = _opcode_steps()
 
 
-def check_no_memo(payload: bytes) -> None:
-    """Raise ``RemoteProtocolError`` if the pickle in ``payload`` touches the memo.
+def _walk_pickle(payload: bytes, memo_limit: int | None, one: bool) -> None:
+    """Step over the opcodes of ``payload`` without decoding (or copying) their arguments.
 
-    ZEO writes messages without a memo.  The unpickler grows its memo to any index a PUT
-    names *before* we could look at the result: ``LONG_BINPUT 0x7fffffff`` in a 20-byte
-    message would make it allocate and clear 16 GiB.  So the opcodes are checked first,
-    stepping over arguments without copying them (lengths are read unsigned, so a bad one
-    only ends the walk, and the unpickler then reports the truncation).
+    With ``memo_limit`` None any memo opcode raises ``RemoteProtocolError``; else a memo
+    index must be below it.  With ``one``, stop at the first STOP (a message); else walk to
+    the end (a ZODB record holds two pickles).  Lengths are read unsigned, so a bad one only
+    ends the walk early, and the unpickler then reports the truncation.
     """
     steps = _STEPS
     i = 0
@@ -108,25 +109,58 @@ def check_no_memo(payload: bytes) -> None:
             i += 1
             if step >= 0:
                 i += step
-            elif step == _LEN1:
+                continue
+            if step == _LEN1:
                 i += 1 + payload[i]
             elif step == _LEN4:
                 i += 4 + int.from_bytes(payload[i:i + 4], "little")
             elif step == _LEN8:
                 i += 8 + int.from_bytes(payload[i:i + 8], "little")
             elif step == _STOP:
-                return
+                if one:
+                    return
             elif step == _NEWLINE or step == _TWO_NEWLINES:
                 i = payload.index(b"\n", i) + 1
                 if step == _TWO_NEWLINES:
                     i = payload.index(b"\n", i) + 1
-            elif step == _MEMO:
+            elif step == _UNKNOWN:
+                raise RemoteProtocolError(f"undecodable pickle: opcode {payload[i - 1]}")
+            elif memo_limit is None:
                 raise RemoteProtocolError("pickle message uses the memo (shared references)")
-            else:
-                raise RemoteProtocolError(f"undecodable pickle message: opcode {payload[i - 1]}")
+            elif step != _MEMOIZE:
+                if step == _MEMO1:
+                    index, i = payload[i], i + 1
+                elif step == _MEMO4:
+                    index, i = int.from_bytes(payload[i:i + 4], "little"), i + 4
+                else:
+                    end = payload.index(b"\n", i)
+                    index, i = int(payload[i:end]), end + 1
+                if index >= memo_limit:
+                    raise RemoteProtocolError(f"pickle memo index {index} out of range")
     except (IndexError, ValueError):
-        raise RemoteProtocolError("undecodable pickle message: truncated") from None
-    raise RemoteProtocolError("undecodable pickle message: no STOP")
+        raise RemoteProtocolError("undecodable pickle: truncated") from None
+    if one:
+        raise RemoteProtocolError("undecodable pickle message: no STOP")
+
+
+def check_no_memo(payload: bytes) -> None:
+    """Raise ``RemoteProtocolError`` if the pickle message in ``payload`` touches the memo.
+
+    ZEO writes messages without a memo.  The unpickler grows its memo to any index a PUT
+    names *before* we could look at the result: ``LONG_BINPUT 0x7fffffff`` in a 20-byte
+    message would make it allocate and clear 16 GiB.  So the opcodes are checked first.
+    """
+    _walk_pickle(payload, None, True)
+
+
+def check_record_memo(record: bytes) -> None:
+    """Raise ``RemoteProtocolError`` if a ZODB record's memo indices could not be genuine.
+
+    Records use the memo; a pickler numbers its entries from 0, one per memo opcode, so an
+    index is never as large as the record.  Checked before the server unpickles a record
+    (conflict resolution), for the same reason as :func:`check_no_memo`.
+    """
+    _walk_pickle(record, len(record), False)
 
 
 class ForbiddenGlobal(RemoteProtocolError):

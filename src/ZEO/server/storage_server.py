@@ -16,15 +16,18 @@ import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import ZODB.event
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError
 from ZODB.serialize import referencesf
-from ZODB.utils import p64, u64, z64
+from ZODB.utils import oid_repr, p64, u64, z64
 from zope.interface import providedBy
 
+from ..protocol.codecs import check_record_memo
+from ..protocol.errors import RemoteProtocolError
 from ..protocol.framing import DEFAULT_MAX_MESSAGE_SIZE
 from .commit import (
     CHECK,
@@ -70,6 +73,33 @@ def _conflict_to_client(oid: bytes, committedSerial: bytes, oldSerial: bytes, ne
                         committedData: bytes = b"") -> None:
     # client-conflict-resolution: conflicts go back to the client instead of being resolved here.
     raise ConflictError(oid=oid, serials=(committedSerial, oldSerial), data=newpickle)
+
+
+def _guarded_resolution(storage: Any, resolve: Callable[..., bytes]) -> Callable[..., bytes]:
+    """``storage``'s conflict resolution, refusing records whose memo indices are forged.
+
+    Resolving unpickles the new, the committed and the old record here, on the server; a
+    forged ``LONG_BINPUT`` index in any of them would make the unpickler allocate gigabytes
+    (see ``check_record_memo``).  Such a conflict stays unresolved: the voter gets the
+    ConflictError.
+    """
+    def tryToResolveConflict(oid: bytes, committedSerial: bytes, oldSerial: bytes,  # noqa: N803
+                             newpickle: bytes, committedData: bytes = b"") -> bytes:
+        try:
+            check_record_memo(newpickle)
+            for serial, data in ((committedSerial, committedData), (oldSerial, b"")):
+                try:
+                    data = data or storage.loadSerial(oid, serial)
+                except Exception:
+                    continue  # resolve() reports it as it would have
+                check_record_memo(data)
+        except RemoteProtocolError as e:
+            logger.warning("conflict on oid %s left unresolved: %s", oid_repr(oid), e)
+            raise ConflictError(oid=oid, serials=(committedSerial, oldSerial),
+                                data=newpickle) from None
+        return resolve(oid, committedSerial, oldSerial, newpickle, committedData)
+
+    return tryToResolveConflict
 
 
 def _wrapped_storages(storage: Any) -> list[Any]:
@@ -160,10 +190,11 @@ class StorageState:
         self._interfaces = tuple(
             (iface.__module__, iface.__name__) for iface in providedBy(storage).__iro__
         )
-        if server.client_conflict_resolution:
-            for s in _wrapped_storages(storage):
-                if hasattr(s, "tryToResolveConflict"):
-                    s.tryToResolveConflict = _conflict_to_client
+        for s in _wrapped_storages(storage):
+            if hasattr(s, "tryToResolveConflict"):
+                s.tryToResolveConflict = (
+                    _conflict_to_client if server.client_conflict_resolution
+                    else _guarded_resolution(s, s.tryToResolveConflict))
         if hasattr(storage, "registerDB"):
             storage.registerDB(_ServerDB(self))
 
