@@ -132,6 +132,7 @@ def test_caller_dispatches_its_reply_and_what_came_before_it(pair):
     # The invalidation sent before the reply was dispatched first, by the same (caller) thread.
     assert handler.events == [("invalidateTransaction", (b"t", [b"o"]), me)]
     assert seen == [((1,), me)]
+    assert conn.statistics() == {"leader_reads": True, "waits_led": 1, "waits_handed": 0}
 
 
 def test_reader_thread_dispatches_when_nobody_waits(pair):
@@ -193,6 +194,10 @@ def test_many_threads_calling_at_once_each_get_their_reply(pair):
         t.join(30)
     assert not errors
     assert not conn.closed
+    stats = conn.statistics()
+    if stats["leader_reads"]:  # every wait either led or found another thread reading
+        assert stats["waits_led"] > 0
+        assert stats["waits_led"] + stats["waits_handed"] <= 4 * 300
 
 
 def test_close_from_another_thread_wakes_a_leading_caller(pair):

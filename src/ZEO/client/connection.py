@@ -234,6 +234,10 @@ class Connection:
             self._lead_fn = self._lead
         self._pending: dict[Any, Call] = {}
         self._msgids = itertools.count(1)
+        # Waits for a reply that read the socket themselves / found another thread reading
+        # (not locked: statistics, a lost increment is possible).
+        self.waits_led = 0
+        self.waits_handed = 0
         self.closed = False
         self._lost_reported = False
         self._backlog: list = []
@@ -433,6 +437,12 @@ class Connection:
             call._finish(exc=ClientDisconnected(f"connection to {self.peer!r} lost"))
         return pending
 
+    def statistics(self) -> dict[str, Any]:
+        """``leader_reads`` (callers may read their own replies here), ``waits_led`` (waits
+        that did) and ``waits_handed`` (waits that found another thread reading)."""
+        return {"leader_reads": self._epoll is not None, "waits_led": self.waits_led,
+                "waits_handed": self.waits_handed}
+
     def join(self, timeout: float | None = None) -> None:
         if self._reader is not threading.current_thread() and self._reader.is_alive():
             self._reader.join(timeout)
@@ -522,10 +532,12 @@ class Connection:
         the connection ends; the caller then waits on the call as usual.
         """
         if not self._role.acquire(False):
+            self.waits_handed += 1
             return
         try:
             if call._done or self.closed:
                 return
+            self.waits_led += 1
             fd = self._fd
             epoll = self._epoll
             epoll.modify(fd, _DISARMED)

@@ -384,6 +384,9 @@ class ClientStorage(ConflictResolvingStorage):
     def statistics(self) -> dict:
         stats: dict[str, Any] = {"connected": self.is_connected(),
                                  "generation": self._generation}
+        conn = self._conn
+        if conn is not None:
+            stats["connection"] = conn.statistics()
         if self._read_ahead is not None:
             stats["read_ahead"] = self._read_ahead.statistics()
         if self._prefetch_feedback is not None:
