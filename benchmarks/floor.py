@@ -4,7 +4,7 @@
 
 * ``echo``: a bare uvloop echo server, a blocking client that reads its own reply (the floor);
 * ``echo+thread``: the same, but a reader thread receives the reply and wakes the caller (the
-  structure of a client with a background reader, as both ours and ZEO's have);
+  structure of ZEO's client, and of ours before callers read their own replies);
 * ``raw ours`` / ``raw ref``: a ZEO ``ping`` call to our server and to ZEO 6.2's, from a
   blocking socket that frames and encodes by hand (the server's share, no client library);
 * ``client ours`` / ``client ref``: ``ClientStorage.ping()`` of our client library against
