@@ -73,7 +73,7 @@ class FrameDecoder:
         if end - pos >= 4:
             (n,) = _unpack_header(data, pos)  # _split checked it against max_size
             if n >= self.LARGE:
-                piece = bytes(data[pos + 4 :])
+                piece = _copy(data, pos + 4, end)
                 self._parts = [piece]
                 self._need = n - len(piece)
                 buf.clear()
@@ -96,6 +96,14 @@ class FrameDecoder:
                 raise FrameTooLarge(f"frame of {n} bytes exceeds the limit of {max_size}")
             if end - pos - 4 < n:
                 break
-            out.append(bytes(data[pos + 4 : pos + 4 + n]))
+            out.append(_copy(data, pos + 4, pos + 4 + n))
             pos += 4 + n
         return out, pos
+
+
+def _copy(data: bytes | bytearray | memoryview, start: int, end: int) -> bytes:
+    """``bytes(data[start:end])`` with one copy: slicing a bytearray copies it once already."""
+    if type(data) is bytearray:
+        with memoryview(data) as view:
+            return view[start:end].tobytes()
+    return bytes(data[start:end])
