@@ -391,18 +391,23 @@ def ours_limited(tmp_path):
     srv.stop(timeout=5)
 
 
-@pytest.mark.timeout(90)
-def test_shared_reference_bomb_as_msgid(ours_limited):
-    """A msgid the server must echo, whose pickled form is exponential without the memo."""
-    srv = ours_limited
+def assert_bomb_refused(srv, payload: bytes) -> None:
+    """A registered client sends ``payload`` as a frame: it is closed, unanswered, and the
+    server allocated nothing it could not (no MemoryError under its limit) and serves on."""
     good = registered(srv.addr)
-    payload = b"\x80\x03(" + _laughs(30, tuples=True) + b"\x89" + _binunicode("ping") + b")t."
     with registered(srv.addr, b"Z") as evil:
         evil.send_frame(payload)
         assert_closed(evil)  # refused: not answered with a reply or an error
     assert "MemoryError" not in srv.log()
     assert_still_serving(srv, good)
     good.close()
+
+
+@pytest.mark.timeout(90)
+def test_shared_reference_bomb_as_msgid(ours_limited):
+    """A msgid the server must echo, whose pickled form is exponential without the memo."""
+    payload = b"\x80\x03(" + _laughs(30, tuples=True) + b"\x89" + _binunicode("ping") + b")t."
+    assert_bomb_refused(ours_limited, payload)
 
 
 @pytest.mark.timeout(90)
@@ -453,14 +458,7 @@ def test_msgpack_client_on_pickle_server(server, good):
 ])
 def test_memo_index_bomb(ours_limited, memo_op):
     """A 20-byte frame whose memo index would make the unpickler allocate 16 GiB."""
-    srv = ours_limited
-    good = registered(srv.addr)
-    with registered(srv.addr, b"Z") as evil:
-        evil.send_frame(b"\x80\x03N" + memo_op + b".")
-        assert_closed(evil)
-    assert "MemoryError" not in srv.log()
-    assert_still_serving(srv, good)
-    good.close()
+    assert_bomb_refused(ours_limited, b"\x80\x03N" + memo_op + b".")
 
 
 @pytest.mark.timeout(90)
