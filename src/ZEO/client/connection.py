@@ -540,7 +540,10 @@ class Connection:
             self.waits_led += 1
             fd = self._fd
             epoll = self._epoll
-            epoll.modify(fd, _DISARMED)
+            try:
+                epoll.modify(fd, _DISARMED)
+            except (OSError, ValueError):
+                return  # the reader closed it just now: the connection is ending
             try:
                 self._lead_until(call, deadline)
             finally:
