@@ -378,6 +378,10 @@ class Connection:
             raise ClientDisconnected(
                 f"no reply to {name} from {self.peer!r} within {timeout} s") from None
 
+    #: Seconds the reader thread waits in epoll before looking at ``closed`` again (a close
+    #: wakes it; this only bounds a close that raced a leader's re-arm).
+    IDLE_POLL = 1.0
+
     #: Held one-way frames are sent at once beyond this many bytes.
     HOLD_LIMIT = 256 * 1024
 
@@ -417,15 +421,12 @@ class Connection:
 
     def close(self) -> None:
         """Close the socket and fail every pending call; the reader thread then ends."""
-        self._mark_closed()
         if self._epoll is not None and self._reader.is_alive():
             # Only shut it down: the reader closes it.  A file closed under its epoll wait
             # vanishes from it without waking it, so it would sleep out its poll timeout.
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self._shut_down()
             return
+        self._mark_closed()
         self.transport.close()
 
     def _mark_closed(self) -> list[Call]:
@@ -456,17 +457,22 @@ class Connection:
                 self._poll_frames()
             else:
                 self._read_frames()
-        except ProtocolViolation as e:
-            logger.error("protocol error from %r, closing: %s", self.peer, e)
-        except OSError as e:
-            if not self.closed:
-                logger.info("connection to %r lost: %s", self.peer, e)
-        except Exception:
-            logger.exception("client reader for %r failed", self.peer)
+        except Exception as e:
+            self._log_read_failure(e)
         finally:
             self._reader_done()
             if self._epoll is not None:
                 self._epoll.close()
+
+    def _log_read_failure(self, e: Exception) -> None:
+        """Log why reading ended (in the ``except`` block that caught ``e``)."""
+        if isinstance(e, ProtocolViolation):
+            logger.error("protocol error from %r, closing: %s", self.peer, e)
+        elif isinstance(e, OSError):
+            if not self.closed:
+                logger.info("connection to %r lost: %s", self.peer, e)
+        else:
+            logger.exception("client reader for %r failed", self.peer)
 
     def _read_frames(self) -> None:
         """Read with a blocking ``recv``: callers never lead (TLS, no epoll)."""
@@ -509,7 +515,7 @@ class Connection:
             self._backlog = []
         receive = self.protocol.receive_data
         while not self.closed:
-            if not epoll.poll(1.0):
+            if not epoll.poll(self.IDLE_POLL):
                 continue  # (a close that raced a leader's re-arm is noticed here)
             with self._role:
                 if self.closed:
@@ -565,27 +571,20 @@ class Connection:
                         return
                 data = sock.recv(RECV_SIZE)
                 if not data:
-                    self._end_from_leader()
+                    self._shut_down()
                     return
                 for msg in receive(data):
                     self._dispatch(msg)
-        except OSError as e:
-            if not self.closed:
-                logger.info("connection to %r lost: %s", self.peer, e)
-            self._end_from_leader()
-        except ProtocolViolation as e:
-            logger.error("protocol error from %r, closing: %s", self.peer, e)
-            self._end_from_leader()
-        except BaseException as e:
-            # Frames may be half dispatched (an interrupt): this stream cannot go on.
-            if isinstance(e, Exception):
-                logger.exception("client reader for %r failed", self.peer)
-            self._end_from_leader()
-            if not isinstance(e, Exception):
-                raise
+        except Exception as e:
+            self._log_read_failure(e)
+            self._shut_down()
+        except BaseException:
+            self._shut_down()  # frames may be half dispatched (an interrupt): this stream is done
+            raise
 
-    def _end_from_leader(self) -> None:
-        """Fail the pending calls and shut the socket; the reader thread reports the loss."""
+    def _shut_down(self) -> None:
+        """Fail the pending calls and shut the socket down; the reader closes it and reports
+        the loss."""
         self._mark_closed()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
