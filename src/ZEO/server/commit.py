@@ -11,6 +11,7 @@ import enum
 import os
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 # Buffered record kinds (first item of each buffered tuple).
@@ -129,45 +130,57 @@ class ServerTransaction:
 
 
 class CommitLock:
-    """FIFO commit lock of one storage, used from the loop thread only."""
+    """FIFO commit lock of one storage, used from the loop thread only.
 
-    __slots__ = ("holder", "waiters")
+    A waiter is a callback, run synchronously when the lock passes to it: the next vote
+    starts in the same loop turn as the release, not one or two turns later.
+    """
+
+    __slots__ = ("holder", "waiters", "_granting")
 
     def __init__(self) -> None:
         self.holder: ServerTransaction | None = None
-        self.waiters: deque[tuple[ServerTransaction, asyncio.Future]] = deque()
+        self.waiters: deque[tuple[ServerTransaction, Callable[[ServerTransaction], None]]] = (
+            deque())
+        self._granting = False
 
-    def acquire(self, txn: ServerTransaction, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        """A future that completes when ``txn`` holds the lock."""
-        fut = loop.create_future()
-        if self.holder is None:
+    def acquire(self, txn: ServerTransaction,
+                granted: Callable[[ServerTransaction], None]) -> bool:
+        """Call ``granted(txn)`` once ``txn`` holds the lock: now if it is free (and return
+        True), else after the waiters before it (and return False)."""
+        if self.holder is None and not self.waiters:
             self.holder = txn
-            fut.set_result(None)
-        else:
-            self.waiters.append((txn, fut))
-        return fut
+            granted(txn)
+            return True
+        self.waiters.append((txn, granted))
+        return False
 
     def cancel(self, txn: ServerTransaction) -> None:
         """Drop ``txn`` from the queue of waiters (it gave up before getting the lock)."""
         for item in self.waiters:
             if item[0] is txn:
                 self.waiters.remove(item)
-                if not item[1].done():
-                    item[1].cancel()
                 return
 
     def release(self, txn: ServerTransaction) -> None:
-        """Release the lock held by ``txn`` and grant it to the first live waiter."""
+        """Release the lock held by ``txn`` and grant it to the first waiter.
+
+        A granted vote may end at once (a conflict) and release again; the outermost call
+        does the granting in a loop, so a chain of such votes does not nest.
+        """
         if self.holder is not txn:
             return
         self.holder = None
-        while self.waiters:
-            nxt, fut = self.waiters.popleft()
-            if fut.done():  # cancelled
-                continue
-            self.holder = nxt
-            fut.set_result(None)
+        if self._granting:
             return
+        self._granting = True
+        try:
+            while self.holder is None and self.waiters:
+                nxt, granted = self.waiters.popleft()
+                self.holder = nxt
+                granted(nxt)
+        finally:
+            self._granting = False
 
     @property
     def waiting(self) -> int:

@@ -78,6 +78,49 @@ class OnewaysThenReply:
         self.value = value
 
 
+class PendingReply:
+    """The reply to a call that completes later on the loop thread (vote, tpc_finish).
+
+    It is written the moment it is settled, in the same loop turn: an asyncio future would
+    hand it to its done callbacks one turn later, and on the commit path every turn is time
+    the commit lock is held.
+    """
+
+    __slots__ = ("session", "msgid", "oneway", "name")
+
+    def __init__(self, session: Session, msgid: Any, oneway: bool, name: str) -> None:
+        self.session = session
+        self.msgid = msgid
+        self.oneway = oneway
+        self.name = name
+
+    def resolve(self, value: Any) -> None:
+        session = self.session
+        if session.closed or self.oneway:
+            return
+        if type(value) is OnewaysThenReply:
+            conn = session.conn
+            session.write_all([conn.send_oneway(n, a) for n, a in value.oneways]
+                              + [conn.send_reply(self.msgid, value.value)])
+        else:
+            session._reply(self.msgid, value)
+
+    def fail(self, exc: BaseException) -> None:
+        session = self.session
+        if session.closed:
+            return
+        if self.oneway:
+            logger.error("(%s) one-way call %r failed, closing: %r", session.label, self.name,
+                         exc)
+            session.close()
+            return
+        session._log_failure(self.name, exc)
+        session.write(session.conn.send_error(self.msgid, exc))
+
+
+LATER = object()  # a method's result: its PendingReply will answer
+
+
 class Session(asyncio.Protocol):
     """The server side of one client connection."""
 
@@ -95,6 +138,7 @@ class Session(asyncio.Protocol):
         self.txn: ServerTransaction | None = None
         self.closed = False
         self._batch: list[bytes] | None = None
+        self._current: tuple[Any, int, str] = (None, 0, "")  # the call being dispatched
         self._methods: dict[str, Callable] = {"register": self.register}
         self._iterators: dict[int, Any] = {}
         self._iterator_last: dict[int, Any] = {}
@@ -190,6 +234,19 @@ class Session(asyncio.Protocol):
             if self.transport.get_write_buffer_size() > self.server.max_output_buffer:
                 self._output_overflow()
 
+    def write_all(self, frames: list[bytes]) -> None:
+        """Write ``frames`` together (one write when no batch is open)."""
+        batch = self._batch
+        if batch is not None:
+            batch.extend(frames)
+        else:
+            self._flush(frames)
+
+    def reply_later(self) -> PendingReply:
+        """The :class:`PendingReply` of the call being dispatched; the method returns LATER."""
+        msgid, flags, name = self._current
+        return PendingReply(self, msgid, bool(flags), name)
+
     def _output_overflow(self) -> None:
         # The client does not read what we send (e.g. invalidations): drop it rather than
         # let its backlog grow without bound.
@@ -242,6 +299,7 @@ class Session(asyncio.Protocol):
             return
         if type(args) is not tuple:
             args = tuple(args) if isinstance(args, list) else (args,)
+        self._current = msg[:3]
         try:
             result = meth(*args)
         except Exception as exc:
@@ -252,7 +310,9 @@ class Session(asyncio.Protocol):
             self._log_failure(name, exc)
             self.write(self.conn.send_error(msgid, exc))
             return
-        if asyncio.isfuture(result):
+        if result is LATER:
+            pass
+        elif asyncio.isfuture(result):
             if flags:
                 result.add_done_callback(lambda fut: self._deferred_oneway(name, fut))
             else:
@@ -283,16 +343,7 @@ class Session(asyncio.Protocol):
             self._log_failure(name, exc)
             self.write(self.conn.send_error(msgid, exc))
             return
-        result = fut.result()
-        if type(result) is OnewaysThenReply:
-            self._batch = batch = [self.conn.send_oneway(n, a) for n, a in result.oneways]
-            try:
-                self._reply(msgid, result.value)
-            finally:
-                self._batch = None
-            self._flush(batch)
-        else:
-            self._reply(msgid, result)
+        self._reply(msgid, fut.result())
 
     def _log_failure(self, name: str, exc: BaseException) -> None:
         """Log a failed call: conflicts and missing keys are normal; client misuse needs no
@@ -601,7 +652,7 @@ class Session(asyncio.Protocol):
 
     # -- the transaction: vote, finish, abort ----------------------------------------
 
-    def vote(self, txn_id: Any) -> asyncio.Future:
+    def vote(self, txn_id: Any) -> object:
         txn = self.txn
         if txn is None or txn.txn_id != txn_id:
             raise StorageTransactionError(txn.txn_id if txn else None, txn_id)
@@ -610,7 +661,8 @@ class Session(asyncio.Protocol):
         if txn.phase is not TxnPhase.OPEN:
             raise StorageTransactionError("Already voting (locked)")
         assert self.state is not None
-        return asyncio.ensure_future(self.state.vote(self, txn), loop=self.loop)
+        self.state.vote(self, txn, self.reply_later())
+        return LATER
 
     def tpc_finish(self, txn_id: Any) -> Any:
         txn = self.txn
@@ -621,7 +673,8 @@ class Session(asyncio.Protocol):
         if txn.phase is not TxnPhase.VOTED:
             raise StorageTransactionError("tpc_finish before a successful vote")
         assert self.state is not None
-        return asyncio.ensure_future(self.state.finish(self, txn), loop=self.loop)
+        self.state.finish(self, txn, self.reply_later())
+        return LATER
 
     def tpc_abort(self, txn_id: Any) -> Any:
         txn = self.txn

@@ -39,7 +39,7 @@ from .commit import (
     ServerTransaction,
     TxnPhase,
 )
-from .session import OnewaysThenReply, Session
+from .session import OnewaysThenReply, PendingReply, Session
 
 logger = logging.getLogger("ZEO.server")
 timeout_logger = logging.getLogger("ZEO.StorageServer")
@@ -261,14 +261,24 @@ class StorageState:
 
     def publish(self, tid: bytes, oids: list, committer: Session | None) -> None:
         """On the loop: record ``tid`` and send its invalidations to every other session."""
+        if self.record(tid, oids):
+            self.broadcast(tid, oids, committer)
+
+    def record(self, tid: bytes, oids: list) -> bool:
+        """Make ``tid`` the last published tid and queue its invalidations; False (and
+        nothing recorded) when it is not after the last one."""
         if tid <= self.published_tid:
             # Only an external invalidation (a storage re-reporting a tid) can get here;
             # clients must never see tids go backwards (zeo-facts §4.4 rule 2).
             logger.warning("storage %r reported invalidations for %s, not after %s: ignored",
                            self.storage_id, tid.hex(), self.published_tid.hex())
-            return
+            return False
         self.published_tid = tid
         self.invq.appendleft((tid, oids))
+        return True
+
+    def broadcast(self, tid: bytes, oids: list, committer: Session | None) -> None:
+        """Send ``invalidateTransaction(tid, oids)`` to every session but the committer."""
         frames: dict[bytes, bytes] = {}
         args = (tid, oids)
         for session in self.sessions:
@@ -292,23 +302,22 @@ class StorageState:
 
     # -- the commit path -----------------------------------------------------------------
 
-    async def vote(self, session: Session, txn: ServerTransaction) -> Any:
+    def vote(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
+        """Queue ``txn`` for the commit lock; its vote runs when the lock is granted."""
         txn.phase = TxnPhase.WAITING
         txn.vote_started_at = time.monotonic()
-        fut = self.lock.acquire(txn, self.loop)
-        if not fut.done():
+        if not self.lock.acquire(txn, lambda t: self._run_vote(session, t, reply)):
             waiting = self.lock.waiting
             level = logging.CRITICAL if waiting > 9 else (
                 logging.WARNING if waiting > 3 else logging.DEBUG)
             logger.log(level, "(%s) waiting for the commit lock of %r, %d waiting",
                        session.label, self.storage_id, waiting)
-        await fut  # CancelledError when the transaction is aborted while waiting
-        if txn.aborted:
-            # Aborted after the lock was granted but before this coroutine resumed: abort()
-            # saw WAITING and already ended it.  Going on would begin a storage transaction
-            # nobody ends, and the next tpc_begin on the commit worker would block forever.
+
+    def _run_vote(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
+        """The lock is ``txn``'s: vote on the loop (small) or on the commit worker."""
+        if txn.aborted or txn.phase is not TxnPhase.WAITING:
             self._release(txn)
-            return None
+            return
         txn.phase = TxnPhase.VOTING
         txn.locked_at = time.time()
         self.lock_granted_at = time.monotonic()
@@ -317,17 +326,27 @@ class StorageState:
         if timeout:
             txn.timeout_handle = self.loop.call_later(timeout, self._timed_out, session, txn,
                                                       timeout)
+        if not self._votes_inline(txn):
+            self._on_worker(self._vote_body, (txn,),
+                            lambda ok, result: self._voted(session, txn, reply, ok, result))
+            return
         try:
-            if self._votes_inline(txn):
-                outcome, value = self._vote_body(txn)
-            else:
-                outcome, value = await self.loop.run_in_executor(self.worker, self._vote_body,
-                                                                 txn)
+            result = self._vote_body(txn)
         except BaseException as exc:
-            if isinstance(exc, ConflictError):
+            self._voted(session, txn, reply, False, exc)
+        else:
+            self._voted(session, txn, reply, True, result)
+
+    def _voted(self, session: Session, txn: ServerTransaction, reply: PendingReply, ok: bool,
+               result: Any) -> None:
+        """On the loop, when the vote body returned (``ok``) or raised ``result``."""
+        if not ok:
+            if isinstance(result, ConflictError):
                 self.stats_conflicts += 1
             self._end(session, txn, aborted=True)
-            raise
+            reply.fail(result)
+            return
+        outcome, value = result
         if outcome == "conflicts":
             # The storage transaction was aborted; the client resolves and votes again.
             self.stats_conflicts += len(value)
@@ -335,13 +354,34 @@ class StorageState:
             txn.phase = TxnPhase.OPEN
             if txn.aborted:
                 self._end(session, txn, aborted=True)
-            return value
+            reply.resolve(value)
+            return
         if txn.aborted:  # the client went away while we voted
-            await self.loop.run_in_executor(self.worker, self.storage.tpc_abort, txn.meta)
-            self._end(session, txn, aborted=True)
-            return None
+            self._on_worker(self.storage.tpc_abort, (txn.meta,),
+                            lambda ok, result: self._end(session, txn, aborted=True))
+            reply.resolve(None)
+            return
         txn.phase = TxnPhase.VOTED
-        return value
+        reply.resolve(value)
+
+    def _on_worker(self, func: Callable[..., Any], args: tuple,
+                   done: Callable[[bool, Any], None]) -> None:
+        """Run ``func(*args)`` on the commit worker, then ``done(ok, result or exception)``
+        on the loop: one hop each way, no future in between."""
+        loop = self.loop
+
+        def run() -> None:
+            try:
+                result = func(*args)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(done, False, exc)
+            else:
+                loop.call_soon_threadsafe(done, True, result)
+
+        try:
+            self.worker.submit(run)
+        except RuntimeError as exc:  # the worker is shut down: the server is closing
+            done(False, exc)
 
     def _votes_inline(self, txn: ServerTransaction) -> bool:
         """Whether ``txn`` is small enough to vote on the loop thread.
@@ -418,46 +458,39 @@ class StorageState:
             storage.tpc_abort(meta)
             raise
 
-    async def finish(self, session: Session, txn: ServerTransaction) -> bytes:
+    def finish(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
+        """Finish ``txn`` on the commit worker (tpc_finish fsyncs), then publish it."""
         txn.phase = TxnPhase.FINISHING
-        oids = list(dict.fromkeys(txn.invalidated))
-        loop = self.loop
-        finished: asyncio.Future = loop.create_future()
+        reported: list[bytes] = []
+        self._on_worker(self.storage.tpc_finish, (txn.meta, reported.append),
+                        lambda ok, result: self._finished(session, txn, reply, ok,
+                                                          result or reported[0]))
 
-        def published(tid: bytes) -> None:  # on the loop
-            self.publish(tid, oids, session)
-            if not finished.done():
-                finished.set_result(tid)
-
-        def failed(exc: BaseException) -> None:  # on the loop
-            if not finished.done():
-                finished.set_exception(exc)
-
-        def run() -> None:  # on the commit worker
-            # One wake-up of the loop, not two: it publishes and resumes this coroutine in
-            # the same turn.  The worker is the storage's only committer, so the publishes of
-            # successive commits reach the loop in commit order.
-            reported: list[bytes] = []
-            try:
-                tid = self.storage.tpc_finish(txn.meta, reported.append)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(failed, exc)
-            else:
-                loop.call_soon_threadsafe(published, tid or reported[0])
-
-        try:
-            self.worker.submit(run)
-            tid = await finished
-        except BaseException:
+    def _finished(self, session: Session, txn: ServerTransaction, reply: PendingReply,
+                  ok: bool, result: Any) -> None:
+        """On the loop, after the storage's tpc_finish returned ``tid`` or raised."""
+        if not ok:
             logger.critical("(%s) tpc_finish failed on %r", session.label, self.storage_id,
-                            exc_info=True)
+                            exc_info=result)
             self._end(session, txn, aborted=True)
-            raise
+            reply.fail(result)
+            return
+        tid = result
+        oids = list(dict.fromkeys(txn.invalidated))
+        if not self.record(tid, oids):
+            oids = None  # a tid not after the last one: not broadcast (record() logged it)
         self.stats_commits += 1
-        self._end(session, txn, aborted=False)
-        # The committer gets `info` just before its reply, in the same write.
         info = {"length": len(self.storage), "size": self.storage.getSize()}
-        return OnewaysThenReply((("info", (info,)),), tid)
+        # Release first: the next vote runs now and its reply leaves before the broadcast
+        # below, so the next committer's round trip overlaps it.  Nothing in between can
+        # show a client this tid, so the rules of zeo-facts 4.4 still hold: invalidations
+        # go out in commit order, before the committer's reply and before this loop turn
+        # ends (no load reply can come between).
+        self._end(session, txn, aborted=False)
+        if oids is not None:
+            self.broadcast(tid, oids, session)
+        # The committer gets `info` just before its reply, in the same write.
+        reply.resolve(OnewaysThenReply((("info", (info,)),), tid))
 
     def abort(self, session: Session, txn: ServerTransaction) -> asyncio.Future | None:
         """Abort ``txn`` in whatever phase it is; a future when the storage must be told."""
@@ -473,7 +506,7 @@ class StorageState:
             fut = self.loop.run_in_executor(self.worker, self.storage.tpc_abort, txn.meta)
             fut.add_done_callback(lambda f: self._end(session, txn, aborted=True))
             return fut
-        # VOTING: the vote coroutine sees ``aborted`` and aborts when the replay returns.
+        # VOTING: _voted sees ``aborted`` and aborts when the replay returns.
         # FINISHING: the commit is completing; it cannot be taken back.
         return None
 
