@@ -5,8 +5,9 @@
 Each round starts both servers fresh (``runzeo -C zeo.conf``, FileStorage with its default
 fsync, plus a ``<blobstorage>`` for the blob workload) in a temporary directory, then runs every
 workload against each side in turn: ``ours, ref`` in even rounds, ``ref, ours`` in odd ones.  The
-workloads (``workloads.py``) run in separate client processes: under this python with our ``ZEO``
-from ``src/`` for our side, under the reference venv's python with the real ZEO for the other.
+workloads (``workloads.py``) run in separate client processes.  Both sides run from clean
+venvs in ``.cache/``, built when missing: ours has our dependencies and uvloop, with our ``ZEO``
+from a snapshot of ``src/``; the reference has ZEO 6.2 and uvloop.
 The table shows, per metric, the median over rounds of each side and of the per-round ratio
 ours/ref; the JSON file holds every round's raw results.
 
@@ -712,8 +713,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="server of the first side (e.g. ours with --client ref: server only)")
     p.add_argument("--client", choices=["ours", "ref"], default="ours",
                    help="client library of the first side's workloads")
-    p.add_argument("--ours-python", default=sys.executable,
-                   help="interpreter for our client workloads (default: this one, with src/)")
+    p.add_argument("--ours-python", default=None,
+                   help="interpreter for our server and client workloads, run with a snapshot "
+                   "of src/ (default: the clean venv .cache/zeo-ours, built if missing with "
+                   "pyproject's dependencies and uvloop, as the reference venv is)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="sample the first side's server with py-spy during each workload; write "
@@ -730,6 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = a.rounds if a.rounds is not None else (1 if a.quick else 5)
 
     ref_python = str(_refzeo().ref_python())
+    if a.ours_python is None:
+        a.ours_python = str(_refzeo().ours_python())
     ref_runzeo = str(Path(ref_python).parent / "runzeo")
     ref = Side("ref", ref_python, [ref_runzeo], {})
     if a.self_test:

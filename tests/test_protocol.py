@@ -780,3 +780,34 @@ def test_frame_decoder_mixed_sizes_random_splits():
             i = j
         assert got == payloads
         assert decoder.buffered == 0
+
+
+def test_opcode_steps_match_pickletools():
+    """The walker's table of opcode argument sizes is pickletools' own, written out."""
+    import pickletools
+
+    from ZEO.protocol import codecs
+
+    sizes = {pickletools.TAKEN_FROM_ARGUMENT1: codecs._LEN1,
+             pickletools.TAKEN_FROM_ARGUMENT4: codecs._LEN4,
+             pickletools.TAKEN_FROM_ARGUMENT4U: codecs._LEN4,
+             pickletools.TAKEN_FROM_ARGUMENT8U: codecs._LEN8}
+    memo = {"PUT": codecs._MEMO_NEWLINE, "GET": codecs._MEMO_NEWLINE,
+            "BINPUT": codecs._MEMO1, "BINGET": codecs._MEMO1, "LONG_BINPUT": codecs._MEMO4,
+            "LONG_BINGET": codecs._MEMO4, "MEMOIZE": codecs._MEMOIZE}
+    expected = {}
+    for op in pickletools.opcodes:
+        if op.name in memo:
+            step = memo[op.name]
+        elif op.name == "STOP":
+            step = codecs._STOP
+        elif op.arg is None:
+            step = 0
+        elif op.arg.n == pickletools.UP_TO_NEWLINE:
+            step = codecs._TWO_NEWLINES if op.arg.name.endswith("_pair") else codecs._NEWLINE
+        elif op.arg.n >= 0:
+            step = op.arg.n
+        else:
+            step = sizes[op.arg.n]
+        expected[op.code.encode("latin-1")] = step
+    assert codecs.OPCODE_STEPS == expected

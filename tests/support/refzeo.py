@@ -14,37 +14,63 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 REF_VENV = Path(os.environ.get("ZEO_REF_VENV", REPO / ".cache" / "zeo-ref"))
+OURS_VENV = Path(os.environ.get("ZEO_OURS_VENV", REPO / ".cache" / "zeo-ours"))
 REF_ZEO_VERSION = "6.2"
 # zope.testing lets the reference server import ZODB.tests' classes (server-side conflict
 # resolution in the undo conformance tests).
 REF_REQUIREMENTS = [f"ZEO=={REF_ZEO_VERSION}", "uvloop", "msgpack", "zope.testing"]
-_MARKER_TEXT = " ".join(REF_REQUIREMENTS)
 
 
 def ref_python() -> Path:
     """Path of the reference venv's python, building the venv first if needed."""
-    py = REF_VENV / "bin" / "python"
-    marker = REF_VENV / ".complete"
-    if py.exists() and marker.exists() and marker.read_text() == _MARKER_TEXT:
+    return _venv_python(REF_VENV, REF_REQUIREMENTS, check=_check_ref_version)
+
+
+def ours_python() -> Path:
+    """Path of a clean venv's python holding our dependencies (and uvloop), not our package.
+
+    The benchmarks run our side from a snapshot of ``src/`` under this interpreter, so both
+    sides start from a venv installed as a user would, not from the developer's environment
+    (whose site-packages may import things at startup and so weigh on the server's memory).
+    """
+    return _venv_python(OURS_VENV, ours_requirements())
+
+
+def ours_requirements() -> list[str]:
+    """``pyproject.toml``'s dependencies, plus uvloop."""
+    import tomllib
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["uvloop"]]
+
+
+def _check_ref_version(py: Path) -> None:
+    out = subprocess.run(
+        [str(py), "-c", "import importlib.metadata as m; print(m.version('ZEO'))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    if out != REF_ZEO_VERSION:
+        raise RuntimeError(f"reference venv has ZEO {out}, wanted {REF_ZEO_VERSION}")
+
+
+def _venv_python(venv: Path, requirements: list[str], check=None) -> Path:
+    """The python of ``venv``, (re)built with ``requirements`` unless its marker says done."""
+    py = venv / "bin" / "python"
+    marker = venv / ".complete"
+    text = " ".join(requirements)
+    if py.exists() and marker.exists() and marker.read_text() == text:
         return py
-    REF_VENV.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = REF_VENV.parent / "zeo-ref.lock"
-    with open(lock_path, "w") as lock:
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several pytest workers may get here at once
-        if not (marker.exists() and marker.read_text() == _MARKER_TEXT):
+        if not (marker.exists() and marker.read_text() == text):
             if not py.exists():
-                subprocess.run([sys.executable, "-m", "venv", str(REF_VENV)], check=True)
-            subprocess.run(
-                [str(py), "-m", "pip", "install", "-q", *REF_REQUIREMENTS],
-                check=True,
-            )
-            out = subprocess.run(
-                [str(py), "-c", "import importlib.metadata as m; print(m.version('ZEO'))"],
-                check=True, capture_output=True, text=True,
-            ).stdout.strip()
-            if out != REF_ZEO_VERSION:
-                raise RuntimeError(f"reference venv has ZEO {out}, wanted {REF_ZEO_VERSION}")
-            marker.write_text(_MARKER_TEXT)
+                subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(py), "-m", "pip", "install", "-q", *requirements], check=True)
+            if check is not None:
+                check(py)
+            marker.write_text(text)
     return py
 
 

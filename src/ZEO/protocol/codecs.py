@@ -12,11 +12,8 @@ import functools
 import importlib
 import io
 import pickle
-import pickletools
 from collections.abc import Callable, Iterable
 from typing import Any
-
-import msgpack
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import HEADER, encode_frame
@@ -61,35 +58,29 @@ def client_allowed_globals() -> frozenset[tuple[str, str]]:
     return frozenset(names)
 
 
-# How to step over each pickle opcode's argument without decoding it (from pickletools' table).
+# How to step over each pickle opcode's argument without decoding it: a byte count, or how
+# to find its end.  Written out from the pickle format (protocols 0-5) rather than built from
+# pickletools at import: that module weighs ~0.8 MiB in every server.  A test checks the table
+# against pickletools' own.
 (_NEWLINE, _TWO_NEWLINES, _LEN1, _LEN4, _LEN8, _MEMO_NEWLINE, _MEMO1, _MEMO4, _MEMOIZE, _STOP,
  _UNKNOWN) = range(-11, 0)
-_MEMO_STEPS = {"PUT": _MEMO_NEWLINE, "GET": _MEMO_NEWLINE, "BINPUT": _MEMO1, "BINGET": _MEMO1,
-               "LONG_BINPUT": _MEMO4, "LONG_BINGET": _MEMO4, "MEMOIZE": _MEMOIZE}
-
-
-def _opcode_steps() -> list[int]:
-    steps = [_UNKNOWN] * 256
-    lengths = {pickletools.TAKEN_FROM_ARGUMENT1: _LEN1, pickletools.TAKEN_FROM_ARGUMENT4: _LEN4,
-               pickletools.TAKEN_FROM_ARGUMENT4U: _LEN4, pickletools.TAKEN_FROM_ARGUMENT8U: _LEN8}
-    for op in pickletools.opcodes:
-        if op.name in _MEMO_STEPS:
-            step = _MEMO_STEPS[op.name]
-        elif op.name == "STOP":
-            step = _STOP
-        elif op.arg is None:
-            step = 0
-        elif op.arg.n == pickletools.UP_TO_NEWLINE:
-            step = _TWO_NEWLINES if op.arg.name.endswith("_pair") else _NEWLINE
-        elif op.arg.n >= 0:
-            step = op.arg.n
-        else:
-            step = lengths[op.arg.n]
-        steps[ord(op.code.encode("latin-1"))] = step
-    return steps
-
-
-_STEPS = _opcode_steps()
+OPCODE_STEPS: dict[bytes, int] = {
+    b"(": 0, b")": 0, b".": _STOP, b"0": 0, b"1": 0, b"2": 0, b"B": _LEN4, b"C": _LEN1,
+    b"F": _NEWLINE, b"G": 8, b"I": _NEWLINE, b"J": 4, b"K": 1, b"L": _NEWLINE, b"M": 2,
+    b"N": 0, b"P": _NEWLINE, b"Q": 0, b"R": 0, b"S": _NEWLINE, b"T": _LEN4, b"U": _LEN1,
+    b"V": _NEWLINE, b"X": _LEN4, b"]": 0, b"a": 0, b"b": 0, b"c": _TWO_NEWLINES, b"d": 0,
+    b"e": 0, b"g": _MEMO_NEWLINE, b"h": _MEMO1, b"i": _TWO_NEWLINES, b"j": _MEMO4, b"l": 0,
+    b"o": 0, b"p": _MEMO_NEWLINE, b"q": _MEMO1, b"r": _MEMO4, b"s": 0, b"t": 0, b"u": 0,
+    b"}": 0, b"\x80": 1, b"\x81": 0, b"\x82": 1, b"\x83": 2, b"\x84": 4, b"\x85": 0,
+    b"\x86": 0, b"\x87": 0, b"\x88": 0, b"\x89": 0, b"\x8a": _LEN1, b"\x8b": _LEN4,
+    b"\x8c": _LEN1, b"\x8d": _LEN8, b"\x8e": _LEN8, b"\x8f": 0, b"\x90": 0, b"\x91": 0,
+    b"\x92": 0, b"\x93": 0, b"\x94": _MEMOIZE, b"\x95": 8, b"\x96": _LEN8, b"\x97": 0,
+    b"\x98": 0,
+}
+_STEPS = [_UNKNOWN] * 256
+for _code, _step in OPCODE_STEPS.items():
+    _STEPS[_code[0]] = _step
+del _code, _step
 
 
 def _walk_pickle(payload: bytes, memo_limit: int | None, one: bool) -> None:
@@ -261,6 +252,9 @@ class MsgpackCodec:
     name = "msgpack"
 
     def __init__(self, allowed_globals: Iterable[tuple[str, str]] = ()):  # no globals at all
+        import msgpack  # here, not at import: a server that never speaks M5 does without it
+
+        self._unpackb = msgpack.unpackb
         self._packb: Callable[[Any], bytes] = msgpack.Packer(
             use_bin_type=True, default=_msgpack_default
         ).pack
@@ -274,7 +268,7 @@ class MsgpackCodec:
 
     def decode(self, payload: bytes) -> Message:
         try:
-            msg = msgpack.unpackb(payload, raw=False, use_list=False)
+            msg = self._unpackb(payload, raw=False, use_list=False)
         except Exception as e:
             raise RemoteProtocolError(f"undecodable msgpack message: {type(e).__name__}") from e
         return _check_message(msg)

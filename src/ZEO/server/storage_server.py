@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 import threading
 import time
 from collections import deque
@@ -105,10 +106,11 @@ def _guarded_resolution(storage: Any, resolve: Callable[..., bytes]) -> Callable
 def _wrapped_storages(storage: Any) -> list[Any]:
     """``storage`` and the storages it wraps (BlobStorage proxies and the like)."""
     found = [storage]
-    try:
-        from zope.proxy import getProxiedObject, isProxy
-    except ImportError:  # pragma: no cover
+    # No proxy can exist before zope.proxy is imported, and importing it costs memory.
+    zope_proxy = sys.modules.get("zope.proxy")
+    if zope_proxy is None:
         return found
+    getProxiedObject, isProxy = zope_proxy.getProxiedObject, zope_proxy.isProxy
     seen = {id(storage)}
     current = storage
     while isProxy(current):
