@@ -482,7 +482,6 @@ class StorageState:
         if not self.record(tid, oids):
             oids = None  # a tid not after the last one: not broadcast (record() logged it)
         self.stats_commits += 1
-        info = {"length": len(self.storage), "size": self.storage.getSize()}
         # Release first: the next vote runs now and its reply leaves before the broadcast
         # below, so the next committer's round trip overlaps it.  Nothing in between can
         # show a client this tid, so the rules of zeo-facts 4.4 still hold: invalidations
@@ -491,7 +490,11 @@ class StorageState:
         self._end(session, txn, aborted=False)
         if oids is not None:
             self.broadcast(tid, oids, session)
-        # The committer gets `info` just before its reply, in the same write.
+        # The committer gets `info` just before its reply, in the same write.  Computed after
+        # the release (``len`` walks the index), out of the lock hold: the next transaction
+        # has at most voted, and a vote changes neither the length nor the size a storage
+        # reports until its tpc_finish.
+        info = {"length": len(self.storage), "size": self.storage.getSize()}
         reply.resolve(OnewaysThenReply((("info", (info,)),), tid))
 
     def abort(self, session: Session, txn: ServerTransaction) -> asyncio.Future | None:
