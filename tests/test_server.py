@@ -10,6 +10,7 @@ import json
 import pickle
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -90,6 +91,54 @@ def test_commit_lock_is_fifo_and_held_until_finish(make_server):
     status = server.server_status("1")
     assert (status["commits"], status["aborts"], status["waiting"]) == (2, 1, 0)
     assert status["lock_time"] is None
+
+
+def test_a_load_during_tpc_finish_waits_behind_it_not_on_the_loop(make_server, tmp_path):
+    """FileStorage blocks readers for all of tpc_finish (fsync included).  A load arriving
+    then is queued behind the finish on the commit worker: other clients are still served,
+    and the load's reply, from the new state, follows the commit's invalidation."""
+    from ZODB.FileStorage import FileStorage
+
+    slow, entered, proceed = threading.Event(), threading.Event(), threading.Event()
+
+    class SlowFinish(FileStorage):
+        def _finish_finish(self, tid):  # ZODB's hook for tests: inside the file pool's write lock
+            if slow.is_set():
+                entered.set()
+                proceed.wait(20)
+            super()._finish_finish(tid)
+
+    server = make_server(storages={"1": SlowFinish(str(tmp_path / "Data.fs"))})
+    a, b, c = connect(server), connect(server), connect(server)
+    arrivals = []  # b's incoming messages, in order
+    receive = b.conn.receive_data
+
+    def recording(data):
+        for msg in receive(data):
+            arrivals.append(msg[2])
+            yield msg
+
+    b.conn.receive_data = recording
+    oid = a.call("new_oids", 1)[0]
+    tid1 = commit(a, oid, z64, b"v1", txn_id=1)
+    assert b.read_message()[3] == (tid1, [oid])
+    arrivals.clear()
+    slow.set()
+    a.async_call("tpc_begin", 2, b"", b"", {}, None, " ")
+    a.async_call("storea", oid, tid1, b"v2", 2)
+    assert a.call("vote", 2) == []
+    finish = a.send_call("tpc_finish", 2)
+    assert entered.wait(10)
+    load = b.send_call("loadBefore", oid, p64(2**63 - 1))
+    try:
+        # Before the fix the loop sat in FileStorage's reader wait and this timed out.
+        assert c.call("lastTransaction") == tid1
+    finally:
+        proceed.set()
+    tid2 = a.wait_reply(finish)[1]
+    assert b.wait_reply(load) == (0, (b"v2", tid2, None))
+    assert arrivals == ["invalidateTransaction", ".reply"]
+    assert server.states["1"].statistics()["loads_behind_finish"] == 1
 
 
 def test_disconnect_while_holding_the_lock_releases_it(make_server):

@@ -409,7 +409,12 @@ class Session(asyncio.Protocol):
         return self.state.published_tid
 
     def loadBefore(self, oid: bytes, tid: bytes) -> Any:
-        self.state.stats_loads += 1  # type: ignore[union-attr]
+        state = self.state
+        assert state is not None
+        state.stats_loads += 1
+        if state.finishing:  # the storage may block readers until the finish is done
+            state.load_behind_finish(oid, tid, self.reply_later())
+            return LATER
         return self.storage.loadBefore(oid, tid)
 
     def getInvalidations(self, tid: bytes) -> Any:

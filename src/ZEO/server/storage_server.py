@@ -185,6 +185,9 @@ class StorageState:
         self.stats_conflicts = 0
         self.stats_conflicts_resolved = 0
         self.stats_active_txns = 0
+        self.stats_loads_behind_finish = 0
+        #: A tpc_finish is running on the commit worker (loads queue behind it).
+        self.finishing = False
         self.lock_granted_at = 0.0
         self.lock_wait_seconds = 0.0  # summed over all granted votes
         self.lock_hold_seconds = 0.0
@@ -366,6 +369,18 @@ class StorageState:
         txn.phase = TxnPhase.VOTED
         reply.resolve(value)
 
+    def load_behind_finish(self, oid: bytes, tid: bytes, reply: PendingReply) -> None:
+        """``loadBefore`` on the commit worker, after the tpc_finish running there.
+
+        FileStorage blocks its readers for the whole of ``tpc_finish``, fsync included; on the
+        loop that would stall every client.  Queued behind the finish, the load reads the new
+        state and its reply leaves after the commit's invalidations (the worker's callbacks
+        reach the loop in order), which zeo-facts 4.4 allows: the reply names its tids.
+        """
+        self.stats_loads_behind_finish += 1
+        self._on_worker(self.storage.loadBefore, (oid, tid),
+                        lambda ok, result: reply.resolve(result) if ok else reply.fail(result))
+
     def _on_worker(self, func: Callable[..., Any], args: tuple,
                    done: Callable[[bool, Any], None]) -> None:
         """Run ``func(*args)`` on the commit worker, then ``done(ok, result or exception)``
@@ -463,6 +478,7 @@ class StorageState:
     def finish(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
         """Finish ``txn`` on the commit worker (tpc_finish fsyncs), then publish it."""
         txn.phase = TxnPhase.FINISHING
+        self.finishing = True
         reported: list[bytes] = []
         self._on_worker(self.storage.tpc_finish, (txn.meta, reported.append),
                         lambda ok, result: self._finished(session, txn, reply, ok,
@@ -471,6 +487,7 @@ class StorageState:
     def _finished(self, session: Session, txn: ServerTransaction, reply: PendingReply,
                   ok: bool, result: Any) -> None:
         """On the loop, after the storage's tpc_finish returned ``tid`` or raised."""
+        self.finishing = False
         if not ok:
             logger.critical("(%s) tpc_finish failed on %r", session.label, self.storage_id,
                             exc_info=result)
@@ -565,6 +582,7 @@ class StorageState:
             invalidation_queue_length=len(self.invq),
             lock_wait_seconds=self.lock_wait_seconds,
             lock_hold_seconds=self.lock_hold_seconds,
+            loads_behind_finish=self.stats_loads_behind_finish,
         )
 
 
