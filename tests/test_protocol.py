@@ -811,3 +811,28 @@ def test_opcode_steps_match_pickletools():
             step = sizes[op.arg.n]
         expected[op.code.encode("latin-1")] = step
     assert codecs.OPCODE_STEPS == expected
+
+
+def test_plain_messages_skip_the_allow_list_and_calls_do_not():
+    """The walker tells plain data (decoded by pickle.loads) from pickles that name a global,
+    call, extension or persistent id (decoded by the restricted unpickler)."""
+    import pickletools
+
+    from ZEO.protocol import codecs
+
+    calls = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "BUILD", "NEWOBJ", "NEWOBJ_EX",
+             "PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4"}
+    assert set(codecs._CALL_OPCODES) == {
+        ord(op.code) for op in pickletools.opcodes if op.name in calls}
+    codec = codecs.PickleCodec()
+    plain = (5, 1, "storea", (b"\0" * 8, b"\1" * 8, b"record", 17, None, True, 1.5, {"a": [1]}))
+    assert codecs.check_no_memo(codec.encode(plain)) is True
+    assert codec.decode(codec.encode(plain)) == plain
+    args = {0: b"", 1: b"\x01", 2: b"\x01\x00", 4: b"\x01\x00\x00\x00",
+            codecs._NEWLINE: b"x\n", codecs._TWO_NEWLINES: b"os\nsystem\n"}
+    for code in codecs._CALL_OPCODES:
+        op = bytes([code])
+        payload = b"\x80\x03" + op + args[codecs.OPCODE_STEPS[op]] + b"."
+        assert codecs.check_no_memo(payload) is False, op
+    with pytest.raises(codecs.ForbiddenGlobal):
+        codec.decode(b"\x80\x03cos\nsystem\n)R.")
