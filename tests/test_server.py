@@ -130,6 +130,7 @@ def test_a_load_during_tpc_finish_waits_behind_it_not_on_the_loop(make_server, t
     finish = a.send_call("tpc_finish", 2)
     assert entered.wait(10)
     load = b.send_call("loadBefore", oid, p64(2**63 - 1))
+    missing = b.send_call("loadBefore", p64(2**40), p64(2**63 - 1))
     try:
         # Before the fix the loop sat in FileStorage's reader wait and this timed out.
         assert c.call("lastTransaction") == tid1
@@ -137,8 +138,10 @@ def test_a_load_during_tpc_finish_waits_behind_it_not_on_the_loop(make_server, t
         proceed.set()
     tid2 = a.wait_reply(finish)[1]
     assert b.wait_reply(load) == (0, (b"v2", tid2, None))
-    assert arrivals == ["invalidateTransaction", ".reply"]
-    assert server.states["1"].statistics()["loads_behind_finish"] == 1
+    flags, error = b.wait_reply(missing)
+    assert flags and error[0] == "ZODB.POSException.POSKeyError"
+    assert arrivals == ["invalidateTransaction", ".reply", ".reply"]
+    assert server.states["1"].statistics()["loads_behind_finish"] == 2
 
 
 def test_disconnect_while_holding_the_lock_releases_it(make_server):
