@@ -38,7 +38,11 @@ def ours_python() -> Path:
 
 def ours_requirements() -> list[str]:
     """``pyproject.toml``'s dependencies, plus uvloop."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise RuntimeError("reading pyproject.toml needs Python 3.11 (tomllib); on 3.10 pass "
+                           "benchmarks/run.py --ours-python") from None
 
     with open(REPO / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]

@@ -479,10 +479,16 @@ class StorageState:
         """Finish ``txn`` on the commit worker (tpc_finish fsyncs), then publish it."""
         txn.phase = TxnPhase.FINISHING
         self.finishing = True
-        reported: list[bytes] = []
-        self._on_worker(self.storage.tpc_finish, (txn.meta, reported.append),
-                        lambda ok, result: self._finished(session, txn, reply, ok,
-                                                          result or reported[0]))
+        storage = self.storage
+
+        def tpc_finish() -> bytes:  # on the commit worker
+            reported: list[bytes] = []
+            tid = storage.tpc_finish(txn.meta, reported.append)
+            # ZODB 5 storages return the tid; older ones only pass it to the callback.
+            return tid or (reported[0] if reported else storage.lastTransaction())
+
+        self._on_worker(tpc_finish, (),
+                        lambda ok, result: self._finished(session, txn, reply, ok, result))
 
     def _finished(self, session: Session, txn: ServerTransaction, reply: PendingReply,
                   ok: bool, result: Any) -> None:
