@@ -106,16 +106,8 @@ class PendingReply:
             session._reply(self.msgid, value)
 
     def fail(self, exc: BaseException) -> None:
-        session = self.session
-        if session.closed:
-            return
-        if self.oneway:
-            logger.error("(%s) one-way call %r failed, closing: %r", session.label, self.name,
-                         exc)
-            session.close()
-            return
-        session._log_failure(self.name, exc)
-        session.write(session.conn.send_error(self.msgid, exc))
+        if not self.session.closed:
+            self.session._call_failed(self.msgid, self.oneway, self.name, exc)
 
 
 LATER = object()  # a method's result: its PendingReply will answer
@@ -303,12 +295,7 @@ class Session(asyncio.Protocol):
         try:
             result = meth(*args)
         except Exception as exc:
-            if flags:
-                logger.error("(%s) one-way call %r failed, closing: %r", self.label, name, exc)
-                self.close()
-                return
-            self._log_failure(name, exc)
-            self.write(self.conn.send_error(msgid, exc))
+            self._call_failed(msgid, flags, name, exc)
             return
         if result is LATER:
             pass
@@ -327,11 +314,20 @@ class Session(asyncio.Protocol):
             logger.error("(%s) reply too large: %s", self.label, e)
             self.write(self.conn.send_error(msgid, ValueError(str(e))))
 
+    def _call_failed(self, msgid: Any, oneway: Any, name: str, exc: BaseException) -> None:
+        """A call raised ``exc``: a one-way call closes the connection (its client would
+        never hear of the failure), a two-way call gets an error reply."""
+        if oneway:
+            logger.error("(%s) one-way call %r failed, closing: %r", self.label, name, exc)
+            self.close()
+            return
+        self._log_failure(name, exc)
+        self.write(self.conn.send_error(msgid, exc))
+
     def _deferred_oneway(self, name: str, fut: asyncio.Future) -> None:
         exc = None if fut.cancelled() else fut.exception()
         if exc is not None and not self.closed:
-            logger.error("(%s) one-way call %r failed, closing: %r", self.label, name, exc)
-            self.close()
+            self._call_failed(None, True, name, exc)
 
     def _deferred_reply(self, msgid: Any, name: str, fut: asyncio.Future) -> None:
         if fut.cancelled():
@@ -340,8 +336,7 @@ class Session(asyncio.Protocol):
         if self.closed:
             return
         if exc is not None:
-            self._log_failure(name, exc)
-            self.write(self.conn.send_error(msgid, exc))
+            self._call_failed(msgid, False, name, exc)
             return
         self._reply(msgid, fut.result())
 
