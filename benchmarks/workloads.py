@@ -451,6 +451,9 @@ def w_blobs(ctx: Context) -> dict[str, Any]:
         conn.close()
     finally:
         db.close()
+    # The reads below download into a fresh blob cache: start them with the writes above on
+    # disk, not in the middle of their writeback, which would throttle the downloads.
+    os.sync()
     db = ctx.db(storage=storage, blob_dir=os.path.join(ctx.data_dir, f"blobs-r-{os.getpid()}"))
     try:
         tm, conn = _open(db)
