@@ -144,6 +144,39 @@ def test_a_load_during_tpc_finish_waits_behind_it_not_on_the_loop(make_server, t
     assert server.states["1"].statistics()["loads_behind_finish"] == 2
 
 
+def test_a_client_gone_during_its_vote_leaves_no_storage_transaction(make_server, tmp_path):
+    """The vote runs on the commit worker; the client disconnects meanwhile.  The storage's
+    transaction must be aborted when the vote returns, or the next tpc_begin blocks."""
+    from ZODB.FileStorage import FileStorage
+
+    entered, proceed = threading.Event(), threading.Event()
+
+    class SlowVote(FileStorage):
+        def tpc_vote(self, transaction):
+            if not proceed.is_set():
+                entered.set()
+                proceed.wait(20)
+            return super().tpc_vote(transaction)
+
+    server = make_server(storages={"1": SlowVote(str(tmp_path / "Data.fs"))},
+                         inline_vote_bytes=0)  # every vote goes to the commit worker
+    a, b = connect(server), connect(server)
+    oid = a.call("new_oids", 1)[0]
+    a.async_call("tpc_begin", 1, b"", b"", {}, None, " ")
+    a.async_call("storea", oid, z64, b"a", 1)
+    a.send_call("vote", 1)
+    assert entered.wait(10)
+    a.close()
+    deadline = time.monotonic() + 10
+    while server.server_status("1")["connections"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proceed.set()
+    tid = commit(b, oid, z64, b"b", txn_id=2)
+    assert b.call("loadBefore", oid, p64(2**63 - 1)) == (b"b", tid, None)
+    status = server.server_status("1")
+    assert (status["commits"], status["aborts"], status["waiting"]) == (1, 1, 0)
+
+
 def test_disconnect_while_holding_the_lock_releases_it(make_server):
     server = make_server()
     a, b = connect(server), connect(server)

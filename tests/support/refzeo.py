@@ -10,6 +10,7 @@ import fcntl
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +59,8 @@ def _check_ref_version(py: Path) -> None:
         raise RuntimeError(f"reference venv has ZEO {out}, wanted {REF_ZEO_VERSION}")
 
 
-def _venv_python(venv: Path, requirements: list[str], check=None) -> Path:
+def _venv_python(venv: Path, requirements: list[str],
+                 check: Callable[[Path], None] | None = None) -> Path:
     """The python of ``venv``, (re)built with ``requirements`` unless its marker says done."""
     py = venv / "bin" / "python"
     marker = venv / ".complete"

@@ -130,7 +130,7 @@ class Session(asyncio.Protocol):
         self.txn: ServerTransaction | None = None
         self.closed = False
         self._batch: list[bytes] | None = None
-        self._current: tuple[Any, int, str] = (None, 0, "")  # the call being dispatched
+        self._current: tuple = (None, 0, "", ())  # the message being dispatched
         self._methods: dict[str, Callable] = {"register": self.register}
         self._iterators: dict[int, Any] = {}
         self._iterator_last: dict[int, Any] = {}
@@ -236,7 +236,7 @@ class Session(asyncio.Protocol):
 
     def reply_later(self) -> PendingReply:
         """The :class:`PendingReply` of the call being dispatched; the method returns LATER."""
-        msgid, flags, name = self._current
+        msgid, flags, name, _args = self._current
         return PendingReply(self, msgid, bool(flags), name)
 
     def _output_overflow(self) -> None:
@@ -264,7 +264,7 @@ class Session(asyncio.Protocol):
                 "(%s) disconnected during %s transaction", self.label,
                 "locked" if txn.holds_lock else "unlocked",
             )
-            self._abort_txn(txn)
+            self.state.abort(self, txn, None)  # type: ignore[union-attr]
         self._close_blob_upload()
         self._iterators.clear()
         self._iterator_last.clear()
@@ -291,7 +291,7 @@ class Session(asyncio.Protocol):
             return
         if type(args) is not tuple:
             args = tuple(args) if isinstance(args, list) else (args,)
-        self._current = msg[:3]
+        self._current = msg
         try:
             result = meth(*args)
         except Exception as exc:
@@ -680,11 +680,9 @@ class Session(asyncio.Protocol):
         txn = self.txn
         if txn is None or txn.txn_id != txn_id:
             return None
-        return self._abort_txn(txn)
-
-    def _abort_txn(self, txn: ServerTransaction) -> asyncio.Future | None:
         assert self.state is not None
-        return self.state.abort(self, txn)
+        self.state.abort(self, txn, self.reply_later())
+        return LATER
 
     def transaction_ended(self, txn: ServerTransaction) -> None:
         """Called by the storage state once ``txn`` committed or aborted."""

@@ -362,8 +362,8 @@ class StorageState:
             reply.resolve(value)
             return
         if txn.aborted:  # the client went away while we voted
-            self._on_worker(self.storage.tpc_abort, (txn.meta,),
-                            lambda ok, result: self._end(session, txn, aborted=True))
+            txn.phase = TxnPhase.VOTED  # the storage voted: abort() tells it, on the worker
+            self.abort(session, txn, None)
             reply.resolve(None)
             return
         txn.phase = TxnPhase.VOTED
@@ -520,23 +520,29 @@ class StorageState:
         info = {"length": len(self.storage), "size": self.storage.getSize()}
         reply.resolve(OnewaysThenReply((("info", (info,)),), tid))
 
-    def abort(self, session: Session, txn: ServerTransaction) -> asyncio.Future | None:
-        """Abort ``txn`` in whatever phase it is; a future when the storage must be told."""
+    def abort(self, session: Session, txn: ServerTransaction,
+              reply: PendingReply | None) -> None:
+        """Abort ``txn`` in whatever phase it is; answer ``reply`` (if any) once it is done."""
         phase = txn.phase
         txn.aborted = True
-        if phase is TxnPhase.OPEN:
-            self._end(session, txn, aborted=True)
-        elif phase is TxnPhase.WAITING:
-            self.lock.cancel(txn)
-            self._end(session, txn, aborted=True)
-        elif phase is TxnPhase.VOTED:
+        if phase is TxnPhase.VOTED:
             txn.phase = TxnPhase.FINISHING  # no second abort or finish
-            fut = self.loop.run_in_executor(self.worker, self.storage.tpc_abort, txn.meta)
-            fut.add_done_callback(lambda f: self._end(session, txn, aborted=True))
-            return fut
+
+            def aborted(ok: bool, result: Any) -> None:
+                self._end(session, txn, aborted=True)
+                if reply is not None:
+                    reply.resolve(None) if ok else reply.fail(result)
+
+            self._on_worker(self.storage.tpc_abort, (txn.meta,), aborted)
+            return
+        if phase is TxnPhase.WAITING:
+            self.lock.cancel(txn)
+        if phase in (TxnPhase.OPEN, TxnPhase.WAITING):
+            self._end(session, txn, aborted=True)
         # VOTING: _voted sees ``aborted`` and aborts when the replay returns.
         # FINISHING: the commit is completing; it cannot be taken back.
-        return None
+        if reply is not None:
+            reply.resolve(None)
 
     def _release(self, txn: ServerTransaction) -> None:
         if txn.timeout_handle is not None:
