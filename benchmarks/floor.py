@@ -10,6 +10,11 @@
 * ``client ours`` / ``client ref``: ``ClientStorage.ping()`` of our client library against
   each server (the client library's share).
 
+``python3 benchmarks/floor.py --page-cache`` instead times writing a 10 MiB file into the
+page cache (after a ``sync()``, not timed), the step that ZODB's blob writes and both servers'
+blob uploads share: on some virtual machines it costs ten times more at some moments than at
+others, which moves the blob rows of ``run.py`` for both sides alike.
+
 The reference server comes from ``.cache/zeo-ref`` (built by ``benchmarks/run.py`` or the test
 suite).  Nothing here is a target; it explains the ping row of ``run.py``.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -115,7 +121,9 @@ def server_rows(kind: str, count: int) -> list[tuple[str, tuple[float, float]]]:
     from support.servers import filestorage_conf, start_server
 
     directory = Path(tempfile.mkdtemp(prefix=f"zeo-floor-{kind}-"))
-    server = start_server(kind, directory, filestorage_conf(directory / "Data.fs"))
+    # This checkout's server, also where ZEO is not installed into this interpreter.
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src")) if kind == "ours" else None
+    server = start_server(kind, directory, filestorage_conf(directory / "Data.fs"), env=env)
     try:
         raw = RawClient(server.addr)
         raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -133,14 +141,45 @@ def server_rows(kind: str, count: int) -> list[tuple[str, tuple[float, float]]]:
         server.stop()
 
 
+def page_cache_rows(count: int, size: int = 10 << 20) -> None:
+    """Print the time of each ``count`` writes of ``size`` fresh bytes to a new file."""
+    payload = os.urandom(size)
+    directory = Path(tempfile.mkdtemp(prefix="zeo-floor-pagecache-"))
+    times = []
+    try:
+        for i in range(count):
+            os.sync()
+            path = directory / f"{i}.bin"
+            t0 = time.perf_counter()
+            with open(path, "wb") as f:
+                f.write(payload)
+            times.append((time.perf_counter() - t0) * 1e3)
+            if i >= 10:
+                (directory / f"{i - 10}.bin").unlink()
+    finally:
+        for path in directory.iterdir():
+            path.unlink()
+        directory.rmdir()
+    times_sorted = sorted(times)
+    print(f"write {size >> 20} MiB into the page cache, {count} times, ms: "
+          f"min {times_sorted[0]:.1f}  median {times_sorted[count // 2]:.1f}  "
+          f"max {times_sorted[-1]:.1f}")
+    print("in order: " + " ".join(f"{t:.1f}" for t in times))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pings", type=int, default=5000, help="round trips per row (default 5000)")
     p.add_argument("--no-ref", action="store_true", help="skip the rows of ZEO 6.2's server")
+    p.add_argument("--page-cache", type=int, nargs="?", const=40, metavar="N",
+                   help="time N writes of 10 MiB into the page cache instead (default 40)")
     p.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.echo_server:
         echo_server()
+        return 0
+    if a.page_cache:
+        page_cache_rows(a.page_cache)
         return 0
     rows = echo_rows(a.pings) + server_rows("ours", a.pings)
     if not a.no_ref:

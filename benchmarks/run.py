@@ -397,7 +397,7 @@ def _sizes(a: argparse.Namespace) -> dict[str, Any]:
     if a.quick:
         return {"objects": 5000, "pings": 1500, "record_txns": 3, "blobs": 2,
                 "conns_per_proc": 50}
-    return {"objects": 20000, "pings": 5000, "record_txns": 10, "blobs": 5,
+    return {"objects": 20000, "pings": 5000, "record_txns": 10, "blobs": 10,
             "conns_per_proc": 50}
 
 
@@ -467,9 +467,13 @@ WORKLOADS: list[Workload] = [
     Workload(
         "blobs_10mib", "blobs", 1, _sizes, lambda a: 0,
         lambda rs: {"blob10m_write_mb_s": rs[0]["write_mb_per_s"],
-                    "blob10m_read_mb_s": rs[0]["read_mb_per_s"]},
+                    "blob10m_read_mb_s": rs[0]["read_mb_per_s"],
+                    "blob10m_commit_ms": rs[0]["commit_ms"],
+                    "blob10m_local_write_ms": rs[0]["local_write_ms"]},
         [Metric("blob10m_write_mb_s", "MiB/s", True, 1.2),
-         Metric("blob10m_read_mb_s", "MiB/s", True, 1.2)],
+         Metric("blob10m_read_mb_s", "MiB/s", True, 1.2),
+         Metric("blob10m_commit_ms", "ms", False),
+         Metric("blob10m_local_write_ms", "ms", False)],
         "MiB", cpu_ops=lambda rs: rs[0]["mib"] * 2, needs_data=False),
     Workload(
         "connections_100", "connections", 2, _sizes, _dur,
