@@ -16,7 +16,7 @@ blob uploads share: on some virtual machines it costs ten times more at some mom
 others, which moves the blob rows of ``run.py`` for both sides alike.
 
 The reference server comes from ``.cache/zeo-ref`` (built by ``benchmarks/run.py`` or the test
-suite).  Nothing here is a target; it explains the ping row of ``run.py``.
+suite).  Nothing here is a target; it explains the ping and blob rows of ``run.py``.
 """
 
 from __future__ import annotations
@@ -142,7 +142,9 @@ def server_rows(kind: str, count: int) -> list[tuple[str, tuple[float, float]]]:
 
 
 def page_cache_rows(count: int, size: int = 10 << 20) -> None:
-    """Print the time of each ``count`` writes of ``size`` fresh bytes to a new file."""
+    """Time ``count`` writes of ``size`` bytes, each to a new file after a ``sync()``; print
+    them.  From the 11th on, the file written ten before is deleted, so later writes may get
+    pages the kernel recycles rather than fresh ones."""
     payload = os.urandom(size)
     directory = Path(tempfile.mkdtemp(prefix="zeo-floor-pagecache-"))
     times = []

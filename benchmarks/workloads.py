@@ -442,9 +442,9 @@ def w_blobs(ctx: Context) -> dict[str, Any]:
         # Each blob is timed from a written-back disk (the sync is not timed): writeback of
         # the previous blob's 20 MiB (the client's file and the server's, the same bytes for
         # either server) otherwise lands at random in the next one's time, which moved this
-        # row 0.84-3.98x between rounds.
-        # ``local`` is ZODB writing the blob's file (the same code on either side: it shows
-        # what this machine's page cache costs right then); ``commit`` is the rest.
+        # row 0.84-3.98x between rounds.  ``local`` is ZODB writing the blob's file (the same
+        # code on either side: what this machine's page cache costs right then); the commit
+        # is the rest.
         write_elapsed = local_elapsed = 0.0
         for i in range(count):
             os.sync()

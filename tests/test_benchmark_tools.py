@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,6 @@ def test_floor_prints_each_round_trip_row() -> None:
 
 
 def test_floor_page_cache_probe_times_each_write_and_cleans_up(tmp_path: Path) -> None:
-    import os
-
     env = dict(os.environ, TMPDIR=str(tmp_path))
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "floor.py"), "--page-cache", "12"],
