@@ -324,7 +324,7 @@ def run_group(side: Side, workload: str, server: Server, data_dir: Path, params:
         setup_deadline = time.monotonic() + 120
         for w in workers:
             w.expect("READY", setup_deadline)
-        # Write back what earlier phases left dirty (the other side's 50 MiB of blobs, say),
+        # Write back what earlier phases left dirty (the other side's 100 MiB of blobs, say),
         # so that neither side's timed phase pays for the other's disk writes.
         os.sync()
         if profile is not None:
