@@ -171,7 +171,7 @@ class RaceWithReconnects(racetest.RaceTests, unittest.TestCase):
         assert self.cuts > 0
 
     @pytest.mark.xfail(strict=False, reason=(
-        "intermittent (about 1 run in 20 under load before leader reads, none in 74 since): a "
+        "intermittent (about 1 run in 20 under load before leader reads, none in 95 since): a "
         "worker finds its ZODB root UPTODATE with an empty __dict__ (KeyError '_container'), "
         "which points at the cyclic GC clearing a live persistent object; see README.rst, "
         "'Known failure'"))
