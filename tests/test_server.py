@@ -170,6 +170,7 @@ def test_a_client_gone_during_its_vote_leaves_no_storage_transaction(make_server
     deadline = time.monotonic() + 10
     while server.server_status("1")["connections"] != 1 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert server.server_status("1")["connections"] == 1  # gone while its vote still runs
     proceed.set()
     tid = commit(b, oid, z64, b"b", txn_id=2)
     assert b.call("loadBefore", oid, p64(2**63 - 1)) == (b"b", tid, None)

@@ -107,7 +107,7 @@ def _walk_pickle(payload: bytes, memo_limit: int | None, one: bool) -> bool:
             if step >= 0:
                 i += step
                 continue
-            if step <= _CALL + 4:  # a call opcode (step + _CALL): note it, step over it
+            if step < _CALL // 2:  # a call opcode (its step + _CALL): note it, step over it
                 plain = False
                 step -= _CALL
                 if step >= 0:
