@@ -40,7 +40,7 @@ def test_minimal_config_defaults(monkeypatch):
     assert [s.storage_id for s in o.storages] == ["1"]
     assert (o.read_only, o.invalidation_queue_size, o.invalidation_age) == (False, 100, None)
     assert (o.transaction_timeout, o.pid_filename, o.client_conflict_resolution) == (
-        None, None, False)
+        30.0, None, False)  # ZEO has no timeout by default; a silent voter would block all
     assert o.msgpack is False and o.ssl_context is None and o.eventlog is None
 
 

@@ -76,15 +76,61 @@ def _mutate(rng: random.Random, payload: bytes) -> bytes:
     return bytes(b)
 
 
+def _missing_bytes(stream: bytes, limit: int) -> int | None:
+    """Bytes the server still waits for at the end of ``stream`` (its frame header said so),
+    or None when a header is over ``limit`` (the server closes)."""
+    pos = 0
+    while pos + 4 <= len(stream):
+        (n,) = struct.unpack_from(">I", stream, pos)
+        if n > limit:
+            return None
+        pos += 4 + n
+    if pos < len(stream):  # a partial header: how much follows it is unknown
+        return 2**32
+    return pos - len(stream)
+
+
 def _reduce_payload(marker: str) -> bytes:
     cmd = f"touch {marker}".encode()
     return (b"\x80\x03(K\x07\x89X\x04\x00\x00\x00ping(cos\nsystem\nX"
             + struct.pack("<I", len(cmd)) + cmd + b"\x85Rtt.")
 
 
+def _hostile_payload(rng: random.Random, msgid: int) -> bytes:
+    """Issue 19's generators: deep nesting, DUP/memo sharing, constructors that would allocate
+    from a number, oversized fields; each wrapped as a call with a readable head."""
+    name = rng.choice(["register", "history", "iterator_next", "loadBefore", "ping",
+                       "set_client_label", "getTid"])
+    kind = rng.randrange(6)
+    if kind == 0:  # deep nesting
+        arg = b"N" + rng.choice([b"\x85", b"](e", b"}"]) * rng.choice([101, 1000, 50_000])
+        arg = arg if arg[1:2] == b"\x85" else b"N" + b"\x85" * 5000
+    elif kind == 1:  # DUP sharing
+        arg = b"N" + b"2\x86" * rng.randrange(10, 64)
+    elif kind == 2:  # memo sharing
+        arg = b"Nq\x00" + b"h\x00h\x00\x86q\x00" * rng.randrange(10, 64)
+    elif kind == 3:  # a constructor given a large number
+        ctor = rng.choice([b"czodbpickle\nbinary\n", b"cbuiltins\nbytes\n",
+                           b"cbuiltins\nlist\n", b"cbuiltins\nbytearray\n"])
+        arg = ctor + b"\x8a\x05\x00\x00\x00\x00\x02\x85R"
+    elif kind == 4:  # an oversized field
+        big = rng.choice([70_000, 300_000])
+        arg = (b"X" + struct.pack("<I", big) + b"x" * big) if rng.random() < 0.5 else (
+            b"B" + struct.pack("<I", big) + b"\xff" * big)
+    else:  # huge ints and long lengths that lie
+        arg = rng.choice([b"\x8b\xff\xff\x00\x00" + b"\x01" * 100,
+                          b"\x8a\xff" + b"\x01" * 255, b"X\xff\xff\xff\x7fabc"])
+    return (b"\x80\x03(K" + bytes([msgid % 256]) + b"\x89X" + struct.pack("<I", len(name))
+            + name.encode() + b"(" + arg + b"tt.")
+
+
 def _frames_for_connection(rng: random.Random, codec, marker: str) -> list[bytes]:
     frames = []
     for i in range(rng.randrange(1, 40)):
+        r = rng.random()
+        if codec.letter == b"Z" and r < 0.12:
+            frames.append(encode_frame(_hostile_payload(rng, 100 + i)))
+            continue
         r = rng.random()
         if r < 0.35:
             frames.append(encode_frame(codec.encode(_valid_call(rng, 100 + i))))
@@ -113,17 +159,31 @@ def test_fuzz_live_server(tmp_path):
         good = RawClient(srv.addr)
         good.handshake()
         good.register("1", False)
-        sent = connections = closed_by_server = 0
+        sent = connections = closed_by_server = pending = 0
         while sent < total:
             letter = rng.choice([b"Z", b"M"])
             codec = PickleCodec() if letter == b"Z" else MsgpackCodec()
             frames = _frames_for_connection(rng, codec, str(marker))
             with RawClient(srv.addr, timeout=20) as c:
                 c.handshake(letter)
-                if rng.random() < 0.8:
+                registered = rng.random() < 0.8
+                if registered:
                     c.register("1", rng.random() < 0.3)
+                stream = b"".join(frames)
+                missing = _missing_bytes(stream, 256 * 2**20 if registered else 64 * 1024)
+                if missing and missing > 2**20:  # the server waits for a frame: leave it
+                    try:
+                        c.send_raw(stream)
+                    except (Closed, ConnectionError):
+                        pass
+                    pending += 1
+                    sent += len(frames)
+                    connections += 1
+                    continue
+                if missing:
+                    stream += b"\0" * missing
                 try:
-                    c.send_raw(b"".join(frames))
+                    c.send_raw(stream)
                     # a final ping: either its reply comes back, or the server closed on us
                     c.send_message((99999, False, "ping", ()))
                     while True:
@@ -140,7 +200,7 @@ def test_fuzz_live_server(tmp_path):
                 assert srv.proc.poll() is None, "server died"
                 assert good.call("ping") is None
         print(f"fuzz: {sent} frames over {connections} connections, "
-              f"{closed_by_server} closed by the server")
+              f"{closed_by_server} closed by the server, {pending} left waiting for a frame")
         assert srv.proc.poll() is None, "server died"
         assert not marker.exists(), "peer-supplied code ran on the server"
         assert good.call("ping") is None

@@ -94,6 +94,19 @@ def assert_closed(c: RawClient) -> None:
     assert c.is_closed_by_peer(timeout=10), "the server did not close the hostile connection"
 
 
+def assert_refused(c: RawClient, msgid=None) -> None:
+    """The frame was refused: the connection closed, or (ours, when the call's msgid and
+    flags survived) an error reply to it."""
+    try:
+        reply = c.recv_message()
+    except (Closed, OSError):
+        return
+    assert reply[1] == 2 and reply[2] == ".reply", reply
+    assert reply[3][0] == "builtins.ValueError" and "undecodable" in reply[3][1][0], reply
+    if msgid is not None:
+        assert reply[0] == msgid
+
+
 def wait_for_log(srv, text: str, timeout: float = 10) -> str:
     deadline = time.monotonic() + timeout
     while True:
@@ -142,7 +155,7 @@ def _call_with(name: str, first_arg: bytes, msgid: int = 5) -> bytes:
 
 @pytest.mark.parametrize("when", ["before-register", "after-register"])
 @pytest.mark.parametrize("target", ["os.system", "builtins.eval", "builtins.exec"])
-def test_reduce_runs_nothing_and_closes(ours, good, tmp_path, when, target):
+def test_reduce_runs_nothing_and_gets_an_error_reply(ours, good, tmp_path, when, target):
     marker = tmp_path / f"ran-{target}-{when}"
     module, name = target.split(".")
     code = f"touch {marker}" if target == "os.system" else \
@@ -153,9 +166,19 @@ def test_reduce_runs_nothing_and_closes(ours, good, tmp_path, when, target):
         if when == "after-register":
             evil.register("1", False)
             evil.send_frame(_call_with("history", _reduce_call(module, name, code)))
+            msgid = 5
         else:
             evil.send_frame(_register_with(_reduce_call(module, name, code)))
-        assert_closed(evil)
+            msgid = 1
+        # The call's head survived: its client is told why, and may go on.
+        reply = evil.recv_message()
+        assert reply[:3] == (msgid, 2, ".reply")
+        assert reply[3][0] == "builtins.ValueError"
+        assert f"forbidden global in pickle: {module}.{name}" in reply[3][1][0]
+        if when == "after-register":
+            assert evil.call("ping") is None
+        else:
+            assert len(evil.register("1", False)) == 8
     log_since(ours, mark, f"{module}.{name}")
     assert not marker.exists(), "the server ran code from a pickle"
     assert_still_serving(ours, good)
@@ -166,7 +189,7 @@ def test_persistent_id_refused(ours, good):
     with RawClient(ours.addr) as evil:
         evil.handshake(b"Z")
         evil.send_frame(_register_with(_binunicode("oid") + b"Q"))
-        assert_closed(evil)
+        assert_refused(evil, 1)
     log_since(ours, mark, "persistent")
     assert_still_serving(ours, good)
 
@@ -208,7 +231,10 @@ def test_garbage_after_handshake(server, good, letter, payload):
     with RawClient(server.addr) as evil:
         evil.handshake(letter)
         evil.send_frame(payload)
-        assert_closed(evil)
+        if server.kind == "ours" and payload == b"\x94\x01\xc2" and letter == b"M":
+            assert_refused(evil, 1)  # msgid 1, two-way: told, not dropped
+        else:
+            assert_closed(evil)
     assert_still_serving(server, good)
 
 
@@ -397,7 +423,7 @@ def assert_bomb_refused(srv, payload: bytes) -> None:
     good = registered(srv.addr)
     with registered(srv.addr, b"Z") as evil:
         evil.send_frame(payload)
-        assert_closed(evil)  # refused: not answered with a reply or an error
+        assert_refused(evil)  # not answered with a reply
     assert "MemoryError" not in srv.log()
     assert_still_serving(srv, good)
     good.close()
@@ -417,7 +443,7 @@ def test_shared_reference_bomb_as_argument(ours_limited):
     with RawClient(srv.addr) as evil:
         evil.handshake(b"Z")
         evil.send_frame(_register_with(_laughs(30)))
-        assert_closed(evil)
+        assert_refused(evil, 1)
     assert "MemoryError" not in srv.log()
     assert_still_serving(srv, good)
     good.close()

@@ -41,6 +41,7 @@ from ZEO.protocol import (
     RemoteProtocolError,
     RuokRequest,
     ServerConnection,
+    UndecodableCall,
     codec_for_letter,
     encode_frame,
     exception_to_payload,
@@ -411,8 +412,14 @@ def test_hostile_pickle_refused_through_server_connection(tmp_path):
     conn = ServerConnection(b"Z5")
     assert isinstance(next(conn.receive_data(frame(b"Z5"))), Handshake)
     payload = _hostile_pickles(marker)["GLOBAL os.system REDUCE"]
+    [event] = conn.receive_data(frame(payload))  # a two-way call: answered with an error
+    assert isinstance(event, UndecodableCall) and isinstance(event.error, ForbiddenGlobal)
+    assert not marker.exists()
+    # the same as a one-way call cannot be answered: the connection is closed
+    oneway = payload.replace(b"\x89", b"\x88", 1)
+    assert oneway != payload
     with pytest.raises(ForbiddenGlobal):
-        list(conn.receive_data(frame(payload)))
+        list(conn.receive_data(frame(oneway)))
     assert not marker.exists()
 
 
@@ -514,6 +521,11 @@ def test_server_cannot_announce_other_versions():
 @pytest.mark.parametrize("reply,codec_cls", [(b"Z5", PickleCodec), (b"M5", MsgpackCodec)])
 def test_server_accepts_client_letter(announce, reply, codec_cls):
     conn = ServerConnection(announce)
+    if announce == b"M5" and reply == b"Z5":
+        # A server told to speak msgpack decodes no pickle (ZEO would: §1.2).
+        with pytest.raises(RemoteProtocolError, match="msgpack-only"):
+            list(conn.receive_data(frame(reply)))
+        return
     [ev] = conn.receive_data(frame(reply))
     assert isinstance(ev, Handshake) and ev.protocol == reply
     assert conn.protocol == reply

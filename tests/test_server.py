@@ -19,6 +19,7 @@ from ZODB.MappingStorage import MappingStorage
 from ZODB.utils import p64, z64
 
 from support.wire import RemoteError, WireClient
+from ZEO.wire import Closed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -265,15 +266,25 @@ def test_read_only_server(make_server):
     assert c.is_closed()
 
 
-def test_msgpack_server_and_pickle_client_on_one_server(make_server):
-    server = make_server(msgpack=True)
-    m = connect(server)
-    assert m.greeting == b"M5"
-    z = connect(server, protocol=b"Z5")  # the client's letter decides (zeo-facts §1.2)
+def test_pickle_server_serves_msgpack_and_pickle_clients(make_server):
+    server = make_server()
+    z = connect(server)
+    assert z.greeting == b"Z5"
+    m = connect(server, protocol=b"M5")  # the client's letter decides (zeo-facts §1.2)
     oid = m.call("new_oids", 1)[0]
     tid = commit(m, oid, z64, b"both")
     assert z.read_message() == (0, True, "invalidateTransaction", (tid, [oid]))
     assert z.call("loadBefore", oid, p64(2**63 - 1)) == (b"both", tid, None)
+
+
+def test_msgpack_server_refuses_pickle_clients(make_server):
+    """Unlike ZEO, a server told to speak msgpack decodes no pickle at all (security.rst)."""
+    server = make_server(msgpack=True)
+    m = connect(server)
+    assert m.greeting == b"M5"
+    with pytest.raises((OSError, Closed)):
+        connect(server, protocol=b"Z5")
+    assert m.call("lastTransaction") == z64
 
 
 def test_ruok_status(make_server):

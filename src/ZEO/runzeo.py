@@ -80,7 +80,7 @@ class ServerOptions:
     read_only: bool = False
     invalidation_queue_size: int = 100
     invalidation_age: float | None = None
-    transaction_timeout: float | None = None
+    transaction_timeout: float | None = 30.0
     pid_filename: str | None = None
     client_conflict_resolution: bool = False
     msgpack: bool = False
@@ -161,7 +161,7 @@ def options_from_config(root) -> ServerOptions:
         read_only=z.read_only,
         invalidation_queue_size=z.invalidation_queue_size,
         invalidation_age=z.invalidation_age,
-        transaction_timeout=z.transaction_timeout,
+        transaction_timeout=z.transaction_timeout or None,
         pid_filename=z.pid_filename,
         client_conflict_resolution=z.client_conflict_resolution,
         msgpack=msgpack,
@@ -175,7 +175,8 @@ def options_from_config(root) -> ServerOptions:
 
 
 _LIMIT_KEYS = ("max_message_size", "max_connections", "register_timeout", "max_output_buffer",
-               "max_transaction_size", "transaction_memory", "tcp_keepalive")
+               "max_transaction_size", "transaction_memory", "tcp_keepalive",
+               "max_calls_in_flight", "max_iterators", "max_open_iterators", "max_buffered")
 
 
 def _limits(z: Any) -> dict:
@@ -187,8 +188,12 @@ def _limits(z: Any) -> dict:
             limits["unix_socket_mode"] = int(mode, 8)
         except ValueError:
             raise UsageError(f"configuration error: unix-socket-mode {mode!r} is not octal")
-    if limits.get("register_timeout") == 0:
-        limits["register_timeout"] = None
+    for key in ("register_timeout", "max_transaction_size"):
+        if limits.get(key) == 0:
+            limits[key] = None
+    classes = getattr(z, "conflict_resolution_classes", None)
+    if classes:
+        limits["conflict_resolution_classes"] = list(classes)
     return limits
 
 
@@ -224,7 +229,7 @@ def parse_options(argv: list[str]) -> ServerOptions:
             for i, path in enumerate(args.filename, 1)
         ]
     if args.timeout is not None:
-        options.transaction_timeout = args.timeout
+        options.transaction_timeout = args.timeout or None
     if args.pid_file:
         options.pid_filename = args.pid_file
     if options.pid_filename is None and os.environ.get("INSTANCE_HOME"):

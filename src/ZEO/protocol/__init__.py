@@ -12,7 +12,14 @@ from .codecs import (
     codec_for_letter,
     exception_to_payload,
 )
-from .connection import ClientConnection, Greeting, Handshake, RuokRequest, ServerConnection
+from .connection import (
+    ClientConnection,
+    Greeting,
+    Handshake,
+    RuokRequest,
+    ServerConnection,
+    UndecodableCall,
+)
 from .errors import FrameTooLarge, LocalProtocolError, ProtocolViolation, RemoteProtocolError
 from .framing import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, encode_frame
 from .messages import HEARTBEAT, REPLY, payload_to_exception
@@ -36,6 +43,7 @@ __all__ = [
     "RemoteProtocolError",
     "RuokRequest",
     "ServerConnection",
+    "UndecodableCall",
     "codec_for_letter",
     "encode_frame",
     "exception_to_payload",

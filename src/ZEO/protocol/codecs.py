@@ -12,7 +12,7 @@ import functools
 import importlib
 import io
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -22,13 +22,63 @@ _NO_HEADER = bytes(HEADER.size)
 
 Message = tuple[Any, Any, str, Any]
 
-# Globals a request from a ZEO client may legitimately carry.
-SERVER_ALLOWED_GLOBALS = frozenset(
-    {
-        ("zodbpickle", "binary"),
-        ("ZopeUndo.Prefix", "Prefix"),
-    }
-)
+#: Deepest nesting of containers a decoded message may have.  Hashing or comparing a nested
+#: tuple recurses in C without a guard: 300,000 levels (a 300 KB pickle) crash the process.
+#: ZEO's own messages nest four deep; transaction extensions add what the application put in.
+MAX_DEPTH = 100
+
+
+def _data_only(kind: type, accepted: tuple[type, ...]) -> Callable[..., Any]:
+    """A constructor for ``kind`` that accepts data of the ``accepted`` types only.
+
+    ``set(N)`` would fail, but ``bytes(N)`` or ``tuple("x" * N)`` turns a small frame into a
+    large object: every allow-listed constructor only copies a container that the frame
+    itself held.
+    """
+    def construct(*args: Any) -> Any:
+        if not args:
+            return kind()
+        if len(args) != 1 or type(args[0]) not in accepted:
+            raise RemoteProtocolError(f"{kind.__name__}() of something that is not data")
+        return kind(args[0])
+
+    construct.__name__ = kind.__name__
+    return construct
+
+
+def _binary(*args: Any) -> bytes:
+    """``zodbpickle.binary`` from bytes (or str and an encoding), never from a number: a
+    REDUCE of ``binary(10**10)`` would allocate 10 GB."""
+    from zodbpickle import binary
+
+    if not args:
+        return binary()
+    if type(args[0]) is str and len(args) <= 2 and all(type(a) is str for a in args):
+        return binary(*args)
+    if len(args) == 1 and isinstance(args[0], bytes):
+        return binary(args[0])
+    raise RemoteProtocolError("zodbpickle.binary() of something that is not bytes")
+
+
+def _zopeundo_prefix() -> Any:
+    from ZopeUndo.Prefix import Prefix  # an optional dependency: refused when absent
+
+    return Prefix
+
+
+_SEQUENCES = (tuple, list)
+#: Globals a request from a ZEO client may carry, each mapped to what the decoder calls.
+#: ZEO 6.2's client sends a transaction extension that is a dict subclass as a
+#: ``builtins.dict`` REDUCE; the other containers are allowed in the same spirit.
+SERVER_ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
+    ("zodbpickle", "binary"): lambda: _binary,
+    ("ZopeUndo.Prefix", "Prefix"): _zopeundo_prefix,
+    ("builtins", "dict"): lambda: _data_only(dict, (dict, list, tuple)),
+    ("builtins", "list"): lambda: _data_only(list, _SEQUENCES),
+    ("builtins", "tuple"): lambda: _data_only(tuple, _SEQUENCES),
+    ("builtins", "set"): lambda: _data_only(set, _SEQUENCES),
+    ("builtins", "frozenset"): lambda: _data_only(frozenset, _SEQUENCES),
+}
 # Replies and server calls carry plain data, and error replies may nest exceptions (ZEO 6.2
 # pickles the ``_errs`` of MultipleUndoErrors with ZODB.POSException._recon): see
 # client_allowed_globals().
@@ -62,8 +112,8 @@ def client_allowed_globals() -> frozenset[tuple[str, str]]:
 # to find its end.  Written out from the pickle format (protocols 0-5) rather than built from
 # pickletools at import: that module weighs ~0.8 MiB in every server.  A test checks the table
 # against pickletools' own.
-(_NEWLINE, _TWO_NEWLINES, _LEN1, _LEN4, _LEN8, _MEMO_NEWLINE, _MEMO1, _MEMO4, _MEMOIZE, _STOP,
- _UNKNOWN) = range(-11, 0)
+(_NEST, _DUP, _NEWLINE, _TWO_NEWLINES, _LEN1, _LEN4, _LEN8, _MEMO_NEWLINE, _MEMO1, _MEMO4,
+ _MEMOIZE, _STOP, _UNKNOWN) = range(-13, 0)
 OPCODE_STEPS: dict[bytes, int] = {
     b"(": 0, b")": 0, b".": _STOP, b"0": 0, b"1": 0, b"2": 0, b"B": _LEN4, b"C": _LEN1,
     b"F": _NEWLINE, b"G": 8, b"I": _NEWLINE, b"J": 4, b"K": 1, b"L": _NEWLINE, b"M": 2,
@@ -81,23 +131,33 @@ OPCODE_STEPS: dict[bytes, int] = {
 # a pickle without any of them is plain data, which ``pickle.loads`` may decode unrestricted.
 _CALL_OPCODES = b"ciRbo\x81\x92\x93PQ\x82\x83\x84"
 _CALL = -1000  # added to the step of a call opcode in _STEPS, so the walker notices it
+# Opcodes that build a container without calling anything: a structure can nest no deeper
+# than the number of them (calls build containers too, and are counted with them).
+_NEST_OPCODES = b")]}\x8f\x85\x86\x87tld\x91"
 _STEPS = [_UNKNOWN] * 256
 for _code, _step in OPCODE_STEPS.items():
     _STEPS[_code[0]] = _step + _CALL if _code in _CALL_OPCODES else _step
+for _code in _NEST_OPCODES:
+    _STEPS[_code] = _NEST
+_STEPS[ord("2")] = _DUP  # no pickler writes DUP; a message may not share a stack item
 del _code, _step
 
 
-def _walk_pickle(payload: bytes, memo_limit: int | None, one: bool) -> bool:
-    """Step over the opcodes of ``payload`` without decoding (or copying) their arguments;
-    return whether it is plain data (no opcode of ``_CALL_OPCODES``).
+def _walk_pickle(payload: bytes, memo_limit: int | None, one: bool) -> int:
+    """Step over the opcodes of ``payload`` without decoding (or copying) their arguments.
 
-    With ``memo_limit`` None any memo opcode raises ``RemoteProtocolError``; else a memo
-    index must be below it.  With ``one``, stop at the first STOP (a message); else walk to
-    the end (a ZODB record holds two pickles).  Lengths are read unsigned, so a bad one only
-    ends the walk early, and the unpickler then reports the truncation.
+    Return -1 if it names a global or calls something (an opcode of ``_CALL_OPCODES``),
+    else the number of container-building opcodes (an upper bound of its nesting depth).
+    With ``memo_limit`` None any memo opcode and DUP raise ``RemoteProtocolError``: without
+    them no part of the decoded structure can be shared, so it has at most one object per
+    opcode.  Else a memo index must be below ``memo_limit``.  With ``one``, stop at the
+    first STOP (a message); else walk to the end (a ZODB record holds two pickles).  Lengths
+    are read unsigned, so a bad one only ends the walk early, and the unpickler then reports
+    the truncation.
     """
     steps = _STEPS
     plain = True
+    nest = 0
     i = 0
     n = len(payload)
     try:
@@ -106,6 +166,9 @@ def _walk_pickle(payload: bytes, memo_limit: int | None, one: bool) -> bool:
             i += 1
             if step >= 0:
                 i += step
+                continue
+            if step == _NEST:
+                nest += 1
                 continue
             if step < _CALL // 2:  # a call opcode (its step + _CALL): note it, step over it
                 plain = False
@@ -121,13 +184,16 @@ def _walk_pickle(payload: bytes, memo_limit: int | None, one: bool) -> bool:
                 i += 8 + int.from_bytes(payload[i:i + 8], "little")
             elif step == _STOP:
                 if one:
-                    return plain
+                    return nest if plain else -1
             elif step == _NEWLINE or step == _TWO_NEWLINES:
                 i = payload.index(b"\n", i) + 1
                 if step == _TWO_NEWLINES:
                     i = payload.index(b"\n", i) + 1
             elif step == _UNKNOWN:
                 raise RemoteProtocolError(f"undecodable pickle: opcode {payload[i - 1]}")
+            elif step == _DUP:
+                if memo_limit is None:
+                    raise RemoteProtocolError("pickle message duplicates a stack item (DUP)")
             elif memo_limit is None:
                 raise RemoteProtocolError("pickle message uses the memo (shared references)")
             elif step != _MEMOIZE:
@@ -144,7 +210,7 @@ def _walk_pickle(payload: bytes, memo_limit: int | None, one: bool) -> bool:
         raise RemoteProtocolError("undecodable pickle: truncated") from None
     if one:
         raise RemoteProtocolError("undecodable pickle message: no STOP")
-    return plain
+    return nest if plain else -1
 
 
 def check_no_memo(payload: bytes) -> bool:
@@ -155,7 +221,7 @@ def check_no_memo(payload: bytes) -> bool:
     names *before* we could look at the result: ``LONG_BINPUT 0x7fffffff`` in a 20-byte
     message would make it allocate and clear 16 GiB.  So the opcodes are checked first.
     """
-    return _walk_pickle(payload, None, True)
+    return _walk_pickle(payload, None, True) >= 0
 
 
 def check_record_memo(record: bytes) -> None:
@@ -173,13 +239,14 @@ class ForbiddenGlobal(RemoteProtocolError):
 
 
 class _DataUnpickler(pickle.Unpickler):
-    allowed: frozenset[tuple[str, str]] = frozenset()
+    allowed: dict[tuple[str, str], Callable[[], Any]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.allowed:
-            raise ForbiddenGlobal(f"forbidden global in pickle: {module}.{name}")
+        get = self.allowed.get((module, name))
+        if get is None:
+            raise ForbiddenGlobal(f"forbidden global in pickle: {module:.60}.{name:.60}")
         try:
-            return getattr(importlib.import_module(module), name)
+            return get()
         except (ImportError, AttributeError) as e:
             raise ForbiddenGlobal(f"unavailable global in pickle: {module}.{name}") from e
 
@@ -187,8 +254,45 @@ class _DataUnpickler(pickle.Unpickler):
         raise ForbiddenGlobal("persistent ids are not allowed in messages")
 
 
-def _unpickler_class(allowed: Iterable[tuple[str, str]]) -> type[_DataUnpickler]:
-    return type("DataUnpickler", (_DataUnpickler,), {"allowed": frozenset(allowed)})
+def _importer(module: str, name: str) -> Callable[[], Any]:
+    return lambda: getattr(importlib.import_module(module), name)
+
+
+def _unpickler_class(allowed: Any) -> type[_DataUnpickler]:
+    """An unpickler for ``allowed``: a mapping ``(module, name) -> getter``, or an iterable
+    of ``(module, name)`` resolved by import (``zodbpickle.binary`` always by ``_binary``)."""
+    if not isinstance(allowed, dict):
+        allowed = {key: SERVER_ALLOWED_GLOBALS.get(key) or _importer(*key) for key in allowed}
+    return type("DataUnpickler", (_DataUnpickler,), {"allowed": dict(allowed)})
+
+
+_CONTAINERS = frozenset({tuple, list, dict, set, frozenset})
+
+
+def check_depth(obj: Any, limit: int = MAX_DEPTH) -> None:
+    """Raise ``RemoteProtocolError`` if containers in ``obj`` nest deeper than ``limit``.
+
+    Iterative, and linear in the number of containers: callers only hand it structures in
+    which nothing is shared (one object per opcode or msgpack item).
+    """
+    todo = [(obj, 1)]
+    pop, push = todo.pop, todo.append
+    containers = _CONTAINERS
+    while todo:
+        o, depth = pop()
+        if depth > limit:
+            raise RemoteProtocolError(f"message nests deeper than {limit} levels")
+        depth += 1
+        if type(o) is dict:
+            for k, v in o.items():
+                if type(k) in containers:
+                    push((k, depth))
+                if type(v) in containers:
+                    push((v, depth))
+        else:
+            for item in o:
+                if type(item) in containers:
+                    push((item, depth))
 
 
 def _check_message(msg: Any) -> Message:
@@ -205,7 +309,7 @@ class PickleCodec:
     letter = b"Z"
     name = "pickle"
 
-    def __init__(self, allowed_globals: Iterable[tuple[str, str]] = CLIENT_ALLOWED_GLOBALS):
+    def __init__(self, allowed_globals: Any = CLIENT_ALLOWED_GLOBALS):
         self._unpickler = _unpickler_class(allowed_globals)
 
     def encode(self, msg: Message) -> bytes:
@@ -233,12 +337,14 @@ class PickleCodec:
         return f.getvalue()
 
     def decode(self, payload: bytes) -> Message:
-        # No memo: besides the allocation (check_no_memo), a memo lets a small pickle describe
-        # a structure whose walk (repr, re-encoding) is exponential.  Plain data (nearly every
-        # message) needs no allow-list, and pickle.loads is 5x cheaper than an Unpickler.
-        plain = check_no_memo(payload)
+        # No memo and no DUP: besides the allocation (check_no_memo), sharing lets a small
+        # pickle describe a structure whose walk (repr, hash, re-encoding) is exponential.
+        # Plain data (nearly every message) needs no allow-list, and pickle.loads is 5x
+        # cheaper than an Unpickler.  Only a message with many containers needs its depth
+        # measured after decoding.
+        nest = _walk_pickle(payload, None, True)
         try:
-            if plain:
+            if nest >= 0:
                 msg = pickle.loads(payload)
             else:
                 msg = self._unpickler(io.BytesIO(payload)).load()
@@ -246,7 +352,38 @@ class PickleCodec:
             raise
         except Exception as e:  # any malformed pickle is the peer's fault
             raise RemoteProtocolError(f"undecodable pickle message: {type(e).__name__}") from e
+        if nest < 0 or nest > MAX_DEPTH:
+            check_depth(msg)
         return _check_message(msg)
+
+    @staticmethod
+    def recover_call(payload: bytes) -> tuple[int, bool] | None:
+        """``(msgid, oneway)`` read from the head of an undecodable message, or None.
+
+        ZEO writes ``PROTO 3, MARK, <int msgid>, <bool flags>, ...``; an error reply can be
+        sent to a two-way call whose head survived, whatever broke later in the frame.
+        """
+        head = payload[2:] if payload[:1] == b"\x80" else payload
+        if head[:1] != b"(":
+            return None
+        op, i = head[1:2], 2
+        if op == b"K":
+            msgid, i = head[i], i + 1
+        elif op == b"M":
+            msgid, i = int.from_bytes(head[i:i + 2], "little"), i + 2
+        elif op == b"J":
+            msgid, i = int.from_bytes(head[i:i + 4], "little", signed=True), i + 4
+        elif op == b"\x8a" and 0 < len(head) - 3 and head[2] <= 9:
+            n = head[2]
+            msgid, i = int.from_bytes(head[3:3 + n], "little", signed=True), 3 + n
+        else:
+            return None
+        flag = head[i:i + 1]
+        if flag in (b"\x88", b"\x89"):
+            return msgid, flag == b"\x88"
+        if flag == b"K" and len(head) > i + 1:
+            return msgid, bool(head[i + 1])
+        return None
 
 
 def exception_to_payload(exc: BaseException) -> tuple[str, Any]:
@@ -269,7 +406,7 @@ class MsgpackCodec:
     letter = b"M"
     name = "msgpack"
 
-    def __init__(self, allowed_globals: Iterable[tuple[str, str]] = ()):  # no globals at all
+    def __init__(self, allowed_globals: Any = ()):  # no globals at all
         import msgpack  # here, not at import: a server that never speaks M5 does without it
 
         self._unpackb = msgpack.unpackb
@@ -289,7 +426,32 @@ class MsgpackCodec:
             msg = self._unpackb(payload, raw=False, use_list=False)
         except Exception as e:
             raise RemoteProtocolError(f"undecodable msgpack message: {type(e).__name__}") from e
+        if len(payload) > MAX_DEPTH:  # each level costs at least a byte
+            check_depth(msg)
         return _check_message(msg)
+
+    @staticmethod
+    def recover_call(payload: bytes) -> tuple[int, bool] | None:
+        """``(msgid, oneway)`` read from the head of an undecodable message, or None."""
+        if payload[:1] != b"\x94" or len(payload) < 3:
+            return None
+        b, i = payload[1], 2
+        if b <= 0x7F:
+            msgid = b
+        elif b >= 0xE0:
+            msgid = b - 0x100
+        elif 0xCC <= b <= 0xD3:
+            n = 1 << ((b - 0xCC) % 4)
+            msgid = int.from_bytes(payload[2:2 + n], "big", signed=b >= 0xD0)
+            i = 2 + n
+        else:
+            return None
+        flag = payload[i:i + 1]
+        if flag in (b"\xc2", b"\xc3"):
+            return msgid, flag == b"\xc3"
+        if flag in (b"\x00", b"\x01"):
+            return msgid, flag == b"\x01"
+        return None
 
 
 Codec = PickleCodec | MsgpackCodec

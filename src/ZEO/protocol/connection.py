@@ -4,7 +4,8 @@ Neither class touches a socket: feed received bytes to ``receive_data()``, which
 events, and write the ``bytes`` that the ``send_*`` methods return.  ``receive_data`` is a
 generator so that a bad frame raises only after the good frames before it were handled.
 
-Server events: :class:`Handshake`, :class:`RuokRequest`, and call messages, which are plain
+Server events: :class:`Handshake`, :class:`RuokRequest`, :class:`UndecodableCall`, and call
+messages, which are plain
 ``(msgid, flags, name, args)`` tuples (the hot path allocates nothing else).
 Client events: :class:`Greeting`, then message tuples (replies and one-way server calls).
 Heartbeats are swallowed on both sides.
@@ -37,6 +38,17 @@ class RuokRequest:
     __slots__ = ()
 
 
+class UndecodableCall:
+    """A two-way call whose frame could not be decoded but whose msgid could: answer it with
+    :meth:`ServerConnection.send_error`.  ``error`` says why (never the peer's data)."""
+
+    __slots__ = ("msgid", "error")
+
+    def __init__(self, msgid: int, error: RemoteProtocolError) -> None:
+        self.msgid = msgid
+        self.error = error
+
+
 class Greeting:
     """The server announced ``protocol`` (e.g. ``b"M5"``); the client replied already."""
 
@@ -52,6 +64,16 @@ class _Base:
         self.max_message_size = max_message_size
         self.codec: Codec | None = None
         self.protocol: bytes | None = None
+
+    def set_receive_limit(self, max_size: int) -> None:
+        """Refuse received frames above ``max_size`` from now on (the server lowers it until
+        the peer has registered)."""
+        self._frames.max_size = max_size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that wait for the rest of their frame."""
+        return self._frames.buffered
 
     def _frame(self, msg: tuple) -> bytes:
         codec = self.codec
@@ -108,7 +130,14 @@ class ServerConnection(_Base):
             if codec is None:
                 yield self._handshake(payload)
                 continue
-            msg = codec.decode(payload)
+            try:
+                msg = codec.decode(payload)
+            except RemoteProtocolError as e:
+                head = codec.recover_call(payload)
+                if head is None or head[1]:  # a one-way call cannot be answered
+                    raise
+                yield UndecodableCall(head[0], e)
+                continue
             if msg[0] == HEARTBEAT_MSGID:
                 continue
             yield msg
@@ -118,7 +147,10 @@ class ServerConnection(_Base):
             return RuokRequest()
         letter, version = payload[:1], payload[1:]
         if version != PROTOCOL_VERSION:
-            raise RemoteProtocolError(f"bad handshake {payload!r:.60}")
+            raise RemoteProtocolError(f"bad handshake {payload[:20]!r}")
+        if letter == b"Z" and self.announce == b"M5":
+            # A server told to speak msgpack decodes no pickle at all (ZEO accepts either).
+            raise RemoteProtocolError("a pickle (Z5) client on a msgpack-only server")
         self.codec = codec_for_letter(letter, server=True)
         self.protocol = payload
         return Handshake(payload)

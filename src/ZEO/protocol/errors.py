@@ -21,3 +21,17 @@ class LocalProtocolError(ProtocolViolation):
 
 class FrameTooLarge(RemoteProtocolError):
     """A frame header announced more bytes than the configured maximum message size."""
+
+
+def peer_repr(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for log lines and error texts that
+    name what a peer sent (a 10 MB label must not be written on every line)."""
+    if type(value) in (str, bytes) and len(value) > limit:  # type: ignore[arg-type]
+        return f"{value[:limit]!r}... ({len(value)} long)"  # type: ignore[index]
+    try:
+        text = repr(value)
+    except Exception as e:  # a decoded value never fails; anything else may
+        return f"<unprintable {type(value).__name__}: {type(e).__name__}>"
+    if len(text) > limit:
+        return f"{text[:limit]}... ({len(text)} characters)"
+    return text

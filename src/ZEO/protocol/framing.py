@@ -31,7 +31,7 @@ class FrameDecoder:
     many bytes wait for the rest of their frame.
     """
 
-    __slots__ = ("_buf", "_parts", "_need", "max_size")
+    __slots__ = ("_buf", "_parts", "_need", "_size", "max_size")
 
     #: Partial frames at least this large are collected as pieces instead of a buffer (blob
     #: chunks are 59,000-byte frames: buffered, each of their bytes was copied three times).
@@ -41,11 +41,12 @@ class FrameDecoder:
         self._buf = bytearray()  # a partial header, or the start of a small frame
         self._parts: list = []  # the pieces received so far of a large frame
         self._need = 0  # bytes still missing from that large frame
+        self._size = 0  # its length
         self.max_size = max_size
 
     @property
     def buffered(self) -> int:
-        large = sum(map(len, self._parts)) + 4 if self._need else 0  # 4: its header
+        large = self._size + 4 - self._need if self._need else 0  # 4: its header
         return len(self._buf) + large
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -77,6 +78,7 @@ class FrameDecoder:
                 piece = _copy(data, pos + 4, end)
                 self._parts = [piece]
                 self._need = n - len(piece)
+                self._size = n
                 buf.clear()
                 return out
         if data is buf:

@@ -8,51 +8,49 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import marshal
 import os
 import tempfile
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Buffered record kinds (first item of each buffered tuple).
 STORE, CHECK, RESTORE, DELETE, UNDO = "store", "check", "restore", "delete", "undo"
 
 
-class SpooledData:
-    """Where a record's data went in the transaction's spool file."""
-
-    __slots__ = ("offset", "length")
-
-    def __init__(self, offset: int, length: int) -> None:
-        self.offset = offset
-        self.length = length
+#: What one buffered record costs in memory besides its data (tuple, bytes headers, list
+#: slot): counted toward the budgets, so a million empty records are not free.
+RECORD_OVERHEAD = 160
 
 
 class Spool:
-    """A temporary file for record data beyond a transaction's memory budget.
+    """A temporary file for the records of a transaction beyond its memory budget.
 
     Written on the loop thread as stores arrive, read back on the commit worker at vote;
     the two never overlap because a vote starts only after the last buffered write.
+    Records are plain tuples of str, bytes, int and None, so :mod:`marshal` (no code, no
+    globals) writes and reads them.
     """
 
     def __init__(self, directory: str | None = None) -> None:
         self.file = tempfile.TemporaryFile(dir=directory, prefix="zeo-txn-")
-        self.size = 0
+        self.count = 0
 
-    def put(self, data: bytes) -> SpooledData:
+    def put(self, record: tuple) -> None:
+        marshal.dump(record, self.file)
+        self.count += 1
+
+    def __iter__(self) -> Iterator[tuple]:
         f = self.file
-        f.seek(self.size)
-        f.write(data)
-        ref = SpooledData(self.size, len(data))
-        self.size += len(data)
-        return ref
-
-    def get(self, ref: SpooledData) -> bytes:
-        self.file.seek(ref.offset)
-        data = self.file.read(ref.length)
-        if len(data) != ref.length:
-            raise OSError("transaction spool file is truncated")
-        return data
+        f.flush()
+        f.seek(0)
+        for _ in range(self.count):
+            try:
+                yield marshal.load(f)
+            except (EOFError, ValueError, TypeError):
+                raise OSError("transaction spool file is truncated") from None
+        f.seek(0, os.SEEK_END)
 
     def close(self) -> None:
         self.file.close()
@@ -70,15 +68,16 @@ class TxnPhase(enum.Enum):
 class ServerTransaction:
     """One client transaction as the server sees it, from tpc_begin to its end.
 
-    ``records`` holds the buffered writes as tuples, in arrival order; the record data stay the
-    ``bytes`` objects that arrived (no pickling round trip).  ``blobs`` lists
+    ``records`` holds the buffered writes as tuples, in arrival order, up to the memory budget;
+    the rest go to ``spool`` (:meth:`all_records` gives both, in order).  The record data stay
+    the ``bytes`` objects that arrived (no pickling round trip).  ``blobs`` lists
     ``(oid, serial, data, path)`` of uploaded blob files, consumed at vote.
     """
 
     __slots__ = (
         "txn_id", "user", "description", "extension", "tid", "status", "records",
         "blobs", "phase", "meta", "aborted", "timeout_handle",
-        "locked_at", "nbytes", "invalidated", "vote_started_at", "spool",
+        "locked_at", "nbytes", "invalidated", "vote_started_at", "spool", "oid_raises",
     )
 
     def __init__(self, txn_id: Any, user: bytes, description: bytes, extension: dict,
@@ -100,16 +99,31 @@ class ServerTransaction:
         self.spool: Spool | None = None
         self.nbytes = 0
         self.invalidated: list[bytes] = []  # oids to broadcast, set by a successful vote
+        #: (before, after) of each time a write of this transaction raised the storage's oid
+        #: counter: an abort takes them back (see OidCounterGuard).
+        self.oid_raises: list[tuple[bytes, bytes]] = []
 
     @property
     def holds_lock(self) -> bool:
         return self.phase in (TxnPhase.VOTING, TxnPhase.VOTED, TxnPhase.FINISHING)
 
-    def data(self, data: Any) -> Any:
-        """The bytes of a buffered record's data, read back from the spool if it went there."""
-        if type(data) is SpooledData:
-            return self.spool.get(data)  # type: ignore[union-attr]
-        return data
+    def add(self, record: tuple, size: int, memory: int, spool_dir: str | None) -> None:
+        """Buffer ``record`` (``size`` bytes, overhead included); once the transaction holds
+        more than ``memory`` bytes, it and every later record go to the spool file."""
+        self.nbytes += size
+        spool = self.spool
+        if spool is None:
+            if self.nbytes <= memory:
+                self.records.append(record)
+                return
+            spool = self.spool = Spool(spool_dir)
+        spool.put(record)
+
+    def all_records(self) -> Iterator[tuple]:
+        """Every buffered record, in arrival order (the spooled ones read back from disk)."""
+        yield from self.records
+        if self.spool is not None:
+            yield from self.spool
 
     def discard(self) -> None:
         """Free what the transaction buffered: spool file and unconsumed blob files."""
@@ -185,3 +199,52 @@ class CommitLock:
     @property
     def waiting(self) -> int:
         return len(self.waiters)
+
+
+class OidCounterGuard:
+    """Keeps an aborted transaction from moving a storage's oid counter.
+
+    A store to an oid above the counter raises it (FileStorage and every ``BaseStorage``),
+    and an abort does not lower it again: one aborted store to a huge oid would leave every
+    later ``new_oid`` above it.  The guard records each raise (under the storage's lock, so no
+    ``new_oid`` can slip in between) and :meth:`undo` takes back the raises that nothing
+    handed out since, newest first.  Storages without a ``BaseStorage`` counter are left as
+    they are.
+    """
+
+    def __init__(self, storage: Any) -> None:
+        """``storage``: the one that holds the counter (the base, not a BlobStorage)."""
+        self.storage = storage
+        lock = getattr(storage, "_lock", None)
+        self.enabled = type(vars(storage).get("_oid") if hasattr(storage, "__dict__")
+                            else None) is bytes and lock is not None
+        self.lock = lock
+
+    def write(self, raises: list[tuple[bytes, bytes]], oid: bytes, call: Callable[..., Any],
+              *args: Any) -> Any:
+        """``call(*args)``, a write of ``oid``; record it in ``raises`` if it raised the
+        counter."""
+        storage = self.storage
+        if not self.enabled or oid <= storage._oid:  # the counter only grows meanwhile
+            return call(*args)
+        with self.lock:
+            before = storage._oid
+            result = call(*args)
+            after = storage._oid
+        if after > before:
+            raises.append((before, after))
+        return result
+
+    def undo(self, raises: list[tuple[bytes, bytes]]) -> None:
+        """After an abort: lower the counter past the raises no ``new_oid`` built on."""
+        if not raises or not self.enabled:
+            return
+        storage = self.storage
+        with self.lock:
+            counter = storage._oid
+            for before, after in reversed(raises):
+                if after != counter:
+                    break
+                counter = before
+            storage._oid = counter
+        raises.clear()

@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
@@ -133,10 +141,15 @@ class MetricsExporter:
         for sid in server.states:  # export zero histograms before the first commit
             self.lock_wait.labels(sid)
             self.lock_hold.labels(sid)
+        ProcessCollector(registry=self.registry)  # process_* (CPU, memory, descriptors)
+        PlatformCollector(registry=self.registry)
         host, port = address
-        self._httpd, self._thread = start_http_server(port, host or "0.0.0.0",
-                                                      registry=self.registry)
-        self.address = (host or "0.0.0.0", self._httpd.server_address[1])
+        host = host or "127.0.0.1"  # a bare port: this machine only, never every interface
+        self._httpd = _http_server(host, port, _only_metrics(make_wsgi_app(self.registry)))
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        name="zeo-metrics", daemon=True)
+        self._thread.start()
+        self.address = (host, self._httpd.server_address[1])
         server.observer = self
         logger.info("metrics at http://%s:%d/metrics", *self.address)
 
@@ -153,3 +166,30 @@ class MetricsExporter:
         # shutdown() waits for serve_forever to return: do it off the caller's thread.
         threading.Thread(target=lambda: (httpd.shutdown(), httpd.server_close()),
                          name="zeo-metrics-stop", daemon=True).start()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    #: One thread serves every request in turn: an idle connection may hold it this long.
+    timeout = 5
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _http_server(host: str, port: int, app: Any) -> WSGIServer:
+    """A single-threaded HTTP server: prometheus_client's own starts a thread for every
+    connection, with no limit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("MetricsServer", (WSGIServer,), {"address_family": family})
+    return make_server(host, port, app, server_class, handler_class=_QuietHandler)
+
+
+def _only_metrics(app: Any) -> Any:
+    """``app`` at ``/metrics`` (and ``/``); 404 elsewhere."""
+    def route(environ: dict, start_response: Any) -> Any:
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: the metrics are at /metrics\n"]
+        return app(environ, start_response)
+
+    return route

@@ -24,9 +24,24 @@ from ZODB.POSException import (
     StorageTransactionError,
 )
 
-from ..protocol import Handshake, RemoteProtocolError, RuokRequest, ServerConnection
-from ..protocol.errors import LocalProtocolError
-from .commit import CHECK, DELETE, RESTORE, STORE, UNDO, ServerTransaction, Spool, TxnPhase
+from ..protocol import (
+    Handshake,
+    RemoteProtocolError,
+    RuokRequest,
+    ServerConnection,
+    UndecodableCall,
+)
+from ..protocol.errors import LocalProtocolError, peer_repr
+from .commit import (
+    CHECK,
+    DELETE,
+    RECORD_OVERHEAD,
+    RESTORE,
+    STORE,
+    UNDO,
+    ServerTransaction,
+    TxnPhase,
+)
 
 if TYPE_CHECKING:
     from .storage_server import StorageServer, StorageState
@@ -34,6 +49,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ZEO.server")
 
 BLOB_CHUNK_SIZE = 59000
+#: Largest frame before registration (the handshake, then a ``register`` call that names a
+#: storage): a peer that has not registered cannot make us buffer more than this.
+REGISTER_MAX_MESSAGE = 64 * 1024
+#: Longest client label and storage name kept or logged.
+MAX_LABEL = 256
+#: An error reply larger than this is replaced by a short one (its text came from the peer).
+MAX_ERROR_REPLY = 16 * 1024
+#: Highest oid a client may write: the oid counter must stay usable after it (``\xff`` * 8
+#: would make every later ``new_oid`` fail, in every client, across restarts).
+MAX_OID = b"\x7f\xff\xff\xff\xff\xff\xff\xff"
+#: Transaction statuses a storage understands (restores copy them from another storage).
+_STATUSES = (" ", "p", "u", "c")
 # Exceptions that are part of normal operation: never logged as errors.
 _QUIET = (POSKeyError, ConflictError, ReadConflictError)
 
@@ -86,15 +113,23 @@ class PendingReply:
     the commit lock is held.
     """
 
-    __slots__ = ("session", "msgid", "oneway", "name")
+    __slots__ = ("session", "msgid", "oneway", "name", "settled")
 
     def __init__(self, session: Session, msgid: Any, oneway: bool, name: str) -> None:
         self.session = session
         self.msgid = msgid
         self.oneway = oneway
         self.name = name
+        self.settled = False
+        session.call_started()
+
+    def _settle(self) -> None:
+        if not self.settled:
+            self.settled = True
+            self.session.call_ended()
 
     def resolve(self, value: Any) -> None:
+        self._settle()
         session = self.session
         if session.closed or self.oneway:
             return
@@ -106,6 +141,7 @@ class PendingReply:
             session._reply(self.msgid, value)
 
     def fail(self, exc: BaseException) -> None:
+        self._settle()
         if not self.session.closed:
             self.session._call_failed(self.msgid, self.oneway, self.name, exc)
 
@@ -123,6 +159,7 @@ class Session(asyncio.Protocol):
         self.conn = ServerConnection(server.announce, server.max_message_size)
         self.peer = "?"
         self.label = "?"
+        self.client_label: str | None = None  # as the client set it (set_client_label)
         self.state: StorageState | None = None
         self.storage: Any = None
         self.read_only = False
@@ -139,6 +176,10 @@ class Session(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._register_timer: asyncio.TimerHandle | None = None
+        self._in_flight = 0  # calls answered later (thread pool, commit worker, blob sends)
+        self._held_events: Any = None  # the rest of a chunk, while reading is paused
+        self._reading_paused = False
+        self._buffered = 0  # bytes of partial frames, counted in the server's budget
         self.connected_at = time.time()
         self.calls = 0
         self.bytes_in = 0
@@ -167,6 +208,7 @@ class Session(asyncio.Protocol):
             self.close()
             return
         transport.set_write_buffer_limits(high=1 << 20)  # type: ignore[attr-defined]
+        self.conn.set_receive_limit(REGISTER_MAX_MESSAGE)
         if server.register_timeout:
             self._register_timer = self.loop.call_later(server.register_timeout,
                                                         self._not_registered)
@@ -179,13 +221,27 @@ class Session(asyncio.Protocol):
             self.close()
 
     def data_received(self, data: bytes) -> None:
-        # Replies produced while handling this chunk leave in one write at the end.
-        self._batch = batch = []
         self.bytes_in += len(data)
         try:
-            for event in self.conn.receive_data(data):
+            events = self.conn.receive_data(data)
+        except RemoteProtocolError as e:
+            self._protocol_error(e)
+            return
+        self._handle_events(events)
+        self._account_buffered()
+
+    def _handle_events(self, events: Any) -> None:
+        """Handle the events of one received chunk; if too many calls are in flight, pause
+        reading and keep the rest for :meth:`call_ended`."""
+        # Replies produced while handling this chunk leave in one write at the end.
+        self._batch = batch = []
+        limit = self.server.max_calls_in_flight
+        try:
+            for event in events:
                 if type(event) is tuple:
                     self._handle_call(event)
+                elif isinstance(event, UndecodableCall):
+                    self._undecodable(event)
                 elif isinstance(event, Handshake):
                     logger.debug("(%s) handshake %r", self.label, event.protocol)
                 elif isinstance(event, RuokRequest):
@@ -195,14 +251,68 @@ class Session(asyncio.Protocol):
                     return
                 if self.closed:
                     break
+                if self._in_flight >= limit:
+                    self._held_events = events
+                    self._pause_reading()
+                    break
         except RemoteProtocolError as e:
-            logger.error("(%s) protocol error, closing: %s", self.label, e)
             self._flush(batch)
-            self.close()
+            self._protocol_error(e)
             return
         finally:
             self._batch = None
         self._flush(batch)
+
+    def _protocol_error(self, e: RemoteProtocolError) -> None:
+        logger.error("(%s) protocol error, closing: %s", self.label, e)
+        self.close()
+
+    def _undecodable(self, event: UndecodableCall) -> None:
+        logger.warning("(%s) undecodable call %s: %s", self.label, peer_repr(event.msgid),
+                       event.error)
+        self.write(self.conn.send_error(event.msgid,
+                                        ValueError(f"undecodable request: {event.error}")))
+
+    def _account_buffered(self) -> None:
+        """Keep the server's count of partial-frame bytes; over its budget, close the
+        connection that holds a large share."""
+        now = self.conn.buffered
+        delta = now - self._buffered
+        if delta:
+            self._buffered = now
+            server = self.server
+            server.buffered_input += delta
+            if (delta > 0 and server.buffered_input > server.max_buffered
+                    and now >= server.max_buffered // 64):
+                logger.warning("(%s) server-wide buffer budget (%d bytes) exhausted: "
+                               "closing this connection, which holds %d bytes of a partial "
+                               "message", self.label, server.max_buffered, now)
+                self.close()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_resume_reading(self) -> None:
+        """Read again once no call is held back and the client reads what we send."""
+        if (self._reading_paused and self._held_events is None and self._writable.is_set()
+                and not self.closed and self.transport is not None):
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def call_started(self) -> None:
+        self._in_flight += 1
+
+    def call_ended(self) -> None:
+        """A call answered later is done: resume what :meth:`_handle_events` held back."""
+        self._in_flight -= 1
+        if self._reading_paused and not self.closed and (
+                self._in_flight < self.server.max_calls_in_flight):
+            events, self._held_events = self._held_events, None
+            if events is not None:
+                self._handle_events(events)
+            self._maybe_resume_reading()
 
     def _flush(self, batch: list[bytes]) -> None:
         if batch and self.transport is not None and not self.transport.is_closing():
@@ -212,8 +322,7 @@ class Session(asyncio.Protocol):
             else:
                 self.bytes_out += sum(map(len, batch))
                 self.transport.writelines(batch)
-            if self.transport.get_write_buffer_size() > self.server.max_output_buffer:
-                self._output_overflow()
+            self._check_output()
         batch.clear()
 
     def write(self, frame: bytes) -> None:
@@ -223,8 +332,8 @@ class Session(asyncio.Protocol):
         elif self.transport is not None and not self.transport.is_closing():
             self.bytes_out += len(frame)
             self.transport.write(frame)
-            if self.transport.get_write_buffer_size() > self.server.max_output_buffer:
-                self._output_overflow()
+            if not self._writable.is_set():
+                self._check_output()
 
     def write_all(self, frames: list[bytes]) -> None:
         """Write ``frames`` together (one write when no batch is open)."""
@@ -239,19 +348,39 @@ class Session(asyncio.Protocol):
         msgid, flags, name, _args = self._current
         return PendingReply(self, msgid, bool(flags), name)
 
-    def _output_overflow(self) -> None:
-        # The client does not read what we send (e.g. invalidations): drop it rather than
-        # let its backlog grow without bound.
-        logger.warning("(%s) more than %d bytes wait to be sent: the client is not reading, "
-                       "closing", self.label, self.server.max_output_buffer)
-        self.transport.abort()  # type: ignore[union-attr]
+    def _check_output(self) -> None:
+        """Drop a client that does not read what we send (e.g. invalidations) once its
+        backlog passes ``max_output_buffer``, or the backlogs of all such clients together
+        pass the server's ``max_buffered``, rather than let them grow without bound."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        size = transport.get_write_buffer_size()
+        server = self.server
+        if size > server.max_output_buffer:
+            why = f"more than {server.max_output_buffer} bytes wait to be sent"
+        elif self._writable.is_set():
+            return
+        elif server.unsent_output() > server.max_buffered:
+            why = (f"clients that do not read hold more than {server.max_buffered} bytes "
+                   f"(this one {size})")
+        else:
+            return
+        logger.warning("(%s) %s: the client is not reading, closing", self.label, why)
+        transport.abort()
         self.closed = True
 
     def pause_writing(self) -> None:
+        # A client that does not read what we send is not read either: its requests would
+        # only add to the backlog.
         self._writable.clear()
+        self.server.slow_readers[self] = None
+        self._pause_reading()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self.server.slow_readers.pop(self, None)
+        self._maybe_resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -266,8 +395,13 @@ class Session(asyncio.Protocol):
             )
             self.state.abort(self, txn, None)  # type: ignore[union-attr]
         self._close_blob_upload()
+        self.server.open_iterators -= len(self._iterators)
         self._iterators.clear()
         self._iterator_last.clear()
+        self._held_events = None
+        self.server.slow_readers.pop(self, None)
+        self.server.buffered_input -= self._buffered
+        self._buffered = 0
         if self.state is not None:
             self.state.sessions.pop(self, None)
         self.server.session_closed(self)
@@ -286,7 +420,7 @@ class Session(asyncio.Protocol):
         self.calls += 1
         meth = self._methods.get(name)  # ".reply" is never a method: a client sends none
         if meth is None:
-            logger.error("(%s) invalid method %r, closing", self.label, name)
+            logger.error("(%s) invalid method %s, closing", self.label, peer_repr(name, 60))
             self.close()
             return
         if type(args) is not tuple:
@@ -300,12 +434,17 @@ class Session(asyncio.Protocol):
         if result is LATER:
             pass
         elif asyncio.isfuture(result):
+            self.call_started()
+            result.add_done_callback(self._future_done)
             if flags:
                 result.add_done_callback(lambda fut: self._deferred_oneway(name, fut))
             else:
                 result.add_done_callback(lambda fut: self._deferred_reply(msgid, name, fut))
         elif not flags:
             self._reply(msgid, result)
+
+    def _future_done(self, fut: asyncio.Future) -> None:
+        self.call_ended()
 
     def _reply(self, msgid: Any, result: Any) -> None:
         try:
@@ -318,11 +457,15 @@ class Session(asyncio.Protocol):
         """A call raised ``exc``: a one-way call closes the connection (its client would
         never hear of the failure), a two-way call gets an error reply."""
         if oneway:
-            logger.error("(%s) one-way call %r failed, closing: %r", self.label, name, exc)
+            logger.error("(%s) one-way call %r failed, closing: %s", self.label, name,
+                         peer_repr(exc))
             self.close()
             return
         self._log_failure(name, exc)
-        self.write(self.conn.send_error(msgid, exc))
+        frame = self.conn.send_error(msgid, exc)
+        if len(frame) > MAX_ERROR_REPLY:  # its text holds what the peer sent: cut it
+            frame = self.conn.send_error(msgid, ValueError(peer_repr(exc)))
+        self.write(frame)
 
     def _deferred_oneway(self, name: str, fut: asyncio.Future) -> None:
         exc = None if fut.cancelled() else fut.exception()
@@ -345,9 +488,12 @@ class Session(asyncio.Protocol):
         traceback; anything else gets one."""
         if isinstance(exc, _QUIET):
             return
-        expected = isinstance(exc, (ReadOnlyError, StorageTransactionError))
-        logger.error("(%s) %r raised exception: %r", self.label, name, exc,
-                     exc_info=None if expected else exc)
+        expected = isinstance(exc, (ReadOnlyError, StorageTransactionError, ValueError,
+                                    KeyError))
+        text = peer_repr(exc)
+        # A traceback repeats the exception's text in full: only for short ones.
+        logger.error("(%s) %r raised exception: %s", self.label, name, text,
+                     exc_info=None if expected or text.endswith("characters)") else exc)
 
     def send_oneway(self, name: str, args: tuple) -> None:
         if not self.closed:
@@ -356,6 +502,8 @@ class Session(asyncio.Protocol):
     # -- registration ----------------------------------------------------------------
 
     def register(self, storage_id: str, read_only: Any) -> bytes:
+        if type(storage_id) is not str or len(storage_id) > MAX_LABEL:
+            raise ValueError(f"unknown storage: {peer_repr(storage_id, 60)}")
         state = self.server.states.get(storage_id)
         authorization = self.server.authorization
         if authorization is not None and state is not None:  # ZEO.server.auth
@@ -373,6 +521,7 @@ class Session(asyncio.Protocol):
             raise ReadOnlyError()
         self.state = state
         self.storage = state.storage
+        self.conn.set_receive_limit(self.server.max_message_size)
         self.read_only = read_only or self.server.read_only or bool(state.storage.isReadOnly())
         self._methods = {name: getattr(self, name) for name in REGISTERED_METHODS}
         state.sessions[self] = None
@@ -384,6 +533,13 @@ class Session(asyncio.Protocol):
         return state.published_tid
 
     def set_client_label(self, label: Any) -> None:
+        if type(label) is not str:
+            logger.warning("(%s) set_client_label with a %s: ignored", self.label,
+                           type(label).__name__)
+            return
+        # Logged on every line of this connection: printable, and short.
+        label = "".join(c if c.isprintable() else "?" for c in label[:MAX_LABEL])
+        self.client_label = label
         self.label = f"{label} {self.peer}"
 
     def ping(self) -> None:
@@ -472,47 +628,75 @@ class Session(asyncio.Protocol):
         self._next_iterator_id += 1
         return iid
 
-    def iterator_start(self, start: Any = None, stop: Any = None) -> int:
+    def _check_iterator_room(self) -> None:
+        server = self.server
+        if len(self._iterators) >= server.max_iterators:
+            raise ValueError(f"more than {server.max_iterators} open iterators on one "
+                             "connection (max-iterators)")
+        if server.open_iterators >= server.max_open_iterators:
+            raise ValueError(f"the server has {server.max_open_iterators} open iterators, "
+                             "its limit: try again later")
+
+    def _add_iterator(self, it: Any) -> int:
+        """Keep ``it`` under a new id, within the per-connection and server-wide limits
+        (each storage iterator may hold an open file)."""
+        self._check_iterator_room()
         iid = self._new_iterator_id()
-        self._iterators[iid] = iter(self.storage.iterator(start, stop))
+        self._iterators[iid] = it
+        self.server.open_iterators += 1
         return iid
 
+    def _drop_iterator(self, iid: Any) -> None:
+        it = self._iterators.pop(iid, None)
+        self._iterator_last.pop(iid, None)
+        if it is not None:
+            self.server.open_iterators -= 1
+            close = getattr(it, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    logger.exception("(%s) closing an iterator", self.label)
+
+    def iterator_start(self, start: Any = None, stop: Any = None) -> int:
+        _check_tid_arg(start)
+        _check_tid_arg(stop)
+        self._check_iterator_room()
+        return self._add_iterator(iter(self.storage.iterator(start, stop)))
+
     def iterator_next(self, iid: int) -> Any:
-        it = self._iterators.get(iid)
+        it = self._iterators.get(iid) if type(iid) is int else None
         if it is None:
-            raise KeyError(iid)
+            raise KeyError(iid if type(iid) is int else peer_repr(iid, 40))
         try:
             txn = next(it)
         except StopIteration:
-            del self._iterators[iid]
-            self._iterator_last.pop(iid, None)
+            self._drop_iterator(iid)
             return None
         self._iterator_last[iid] = txn
         return (txn.tid, txn.status, txn.user, txn.description, txn.extension)
 
     def iterator_record_start(self, txn_iid: int, tid: bytes) -> int:
-        txn = self._iterator_last.get(txn_iid)
+        txn = self._iterator_last.get(txn_iid) if type(txn_iid) is int else None
         if txn is None or txn.tid != tid:
-            raise Exception(f"Out-of-order request for records of {tid!r}")
-        riid = self._new_iterator_id()
-        self._iterators[riid] = iter(txn)
-        return riid
+            raise Exception(f"Out-of-order request for records of {peer_repr(tid, 40)}")
+        return self._add_iterator(iter(txn))
 
     def iterator_record_next(self, riid: int) -> Any:
-        it = self._iterators.get(riid)
+        it = self._iterators.get(riid) if type(riid) is int else None
         if it is None:
-            raise KeyError(riid)
+            raise KeyError(riid if type(riid) is int else peer_repr(riid, 40))
         try:
             rec = next(it)
         except StopIteration:
-            del self._iterators[riid]
+            self._drop_iterator(riid)
             return None
         return (rec.oid, rec.tid, rec.data, rec.data_txn)
 
     def iterator_gc(self, iids: Any) -> None:
         for iid in iids:
-            self._iterators.pop(iid, None)
-            self._iterator_last.pop(iid, None)
+            if type(iid) is int:
+                self._drop_iterator(iid)
 
     # -- the transaction: buffered writes ------------------------------------------------
 
@@ -527,18 +711,23 @@ class Session(asyncio.Protocol):
         return txn
 
     def _buffer(self, txn: ServerTransaction, record: tuple, size: int) -> None:
-        """Buffer ``record``; its data (item 3) goes to the spool past the memory budget."""
-        txn.nbytes += size
+        """Buffer ``record`` (``size`` bytes of data); past the memory budget it goes to the
+        transaction's spool file.  Every record counts toward ``max-transaction-size``."""
         server = self.server
+        size += RECORD_OVERHEAD
         limit = server.max_transaction_size
-        if limit and txn.nbytes > limit:
+        if limit and txn.nbytes + size > limit:
             raise StorageTransactionError(
                 f"transaction buffers more than {limit} bytes (max-transaction-size)")
-        if size and txn.nbytes > server.transaction_memory:
-            if txn.spool is None:
-                txn.spool = Spool(server.spool_dir)
-            record = (*record[:3], txn.spool.put(record[3]), *record[4:])
-        txn.records.append(record)
+        txn.add(record, size, server.transaction_memory, server.spool_dir)
+
+    def _writable_txn(self, txn_id: Any, oid: Any, serial: Any) -> ServerTransaction:
+        """The open transaction ``txn_id``, after checking a write's oid and serial."""
+        txn = self._check_txn(txn_id)
+        _check_oid(oid)
+        if type(serial) not in (bytes, str):  # the storage compares it; a spool keeps it
+            raise StorageTransactionError(f"a serial is bytes, not {type(serial).__name__}")
+        return txn
 
     def tpc_begin(self, txn_id: Any, user: bytes = b"", description: bytes = b"",
                   extension: Any = None, tid: bytes | None = None, status: str = " ") -> None:
@@ -550,31 +739,53 @@ class Session(asyncio.Protocol):
             raise StorageTransactionError(
                 "Multiple simultaneous tpc_begin requests from one client."
             )
+        if tid is not None:
+            # Only restores (copyTransactionsFrom) name their tid.  One after every commit
+            # (checked again under the commit lock) and below ZODB's largest keeps the
+            # storage usable; ``\xff`` * 8 would end it for everyone.
+            if type(tid) is not bytes or len(tid) != 8 or tid >= MAX_OID:
+                raise StorageTransactionError(f"bad transaction id {peer_repr(tid, 40)}")
+            if tid <= self.state.published_tid:  # type: ignore[union-attr]
+                raise StorageTransactionError(
+                    f"transaction id {tid.hex()} is not after the last committed one")
+        if status not in _STATUSES:
+            raise StorageTransactionError(f"bad transaction status {peer_repr(status, 20)}")
+        for value in (user, description):
+            if type(value) not in (bytes, str):
+                raise StorageTransactionError("user and description are bytes or text")
+        if extension is not None and type(extension) is not dict:
+            raise StorageTransactionError("a transaction extension is a dict")
         self.txn = ServerTransaction(txn_id, user, description, dict(extension or {}), tid,
                                      status)
         self.state.stats_active_txns += 1  # type: ignore[union-attr]
 
     def storea(self, oid: bytes, serial: bytes, data: bytes, txn_id: Any) -> None:
-        txn = self._check_txn(txn_id)
+        txn = self._writable_txn(txn_id, oid, serial)
+        data = _record_data(data)
         self.state.stats_stores += 1  # type: ignore[union-attr]
         self._buffer(txn, (STORE, oid, serial, data), len(data) if data else 0)
 
     def checkCurrentSerialInTransaction(self, oid: bytes, serial: bytes, txn_id: Any) -> None:
-        txn = self._check_txn(txn_id)
+        txn = self._writable_txn(txn_id, oid, serial)
         self._buffer(txn, (CHECK, oid, serial), 0)
 
     def restorea(self, oid: bytes, serial: bytes, data: Any, prev_txn: Any, txn_id: Any) -> None:
-        txn = self._check_txn(txn_id)
+        txn = self._writable_txn(txn_id, oid, serial)
+        data = _record_data(data)
+        if prev_txn is not None:
+            _check_tid_arg(prev_txn)
         self.state.stats_stores += 1  # type: ignore[union-attr]
         self._buffer(txn, (RESTORE, oid, serial, data, prev_txn), len(data) if data else 0)
 
     def deleteObject(self, oid: bytes, serial: bytes, txn_id: Any) -> None:
-        txn = self._check_txn(txn_id)
+        txn = self._writable_txn(txn_id, oid, serial)
         self.state.stats_stores += 1  # type: ignore[union-attr]
         self._buffer(txn, (DELETE, oid, serial), 0)
 
     def undoa(self, undone_tid: bytes, txn_id: Any) -> None:
         txn = self._check_txn(txn_id)
+        if type(undone_tid) not in (bytes, str):  # an id from undoLog (base64 of the tid)
+            raise StorageTransactionError("an undo id is bytes or text")
         self._buffer(txn, (UNDO, undone_tid), 0)
 
     # -- blob uploads ----------------------------------------------------------------
@@ -589,7 +800,17 @@ class Session(asyncio.Protocol):
             except OSError:
                 pass
 
+    def _blob_txn(self) -> ServerTransaction:
+        """The open transaction a blob upload belongs to: uploads are writes."""
+        if self.read_only:
+            raise ReadOnlyError()
+        txn = self.txn
+        if txn is None or txn.phase is not TxnPhase.OPEN:
+            raise StorageTransactionError("blob upload outside a transaction")
+        return txn
+
     def storeBlobStart(self) -> None:
+        self._blob_txn()
         self._close_blob_upload()
         fd, path = tempfile.mkstemp(suffix=".tmp", dir=self.storage.temporaryDirectory())
         self._blob_upload = (os.fdopen(fd, "wb"), path)
@@ -597,6 +818,14 @@ class Session(asyncio.Protocol):
     def storeBlobChunk(self, chunk: bytes) -> None:
         if self._blob_upload is None:
             raise StorageTransactionError("storeBlobChunk without storeBlobStart")
+        if type(chunk) is not bytes:
+            raise StorageTransactionError("a blob chunk is bytes")
+        txn = self._blob_txn()
+        limit = self.server.max_transaction_size
+        txn.nbytes += len(chunk)
+        if limit and txn.nbytes > limit:
+            raise StorageTransactionError(
+                f"transaction sends more than {limit} bytes (max-transaction-size)")
         self._blob_upload[0].write(chunk)
 
     def storeBlobEnd(self, oid: bytes, serial: bytes, data: bytes, txn_id: Any) -> None:
@@ -606,15 +835,17 @@ class Session(asyncio.Protocol):
         self._blob_upload = None
         f.close()
         try:
-            txn = self._check_txn(txn_id)
+            txn = self._writable_txn(txn_id, oid, serial)
+            data = _record_data(data)
         except Exception:
             os.remove(path)
             raise
+        txn.nbytes += RECORD_OVERHEAD
         txn.blobs.append((oid, serial, data, path))
 
     def storeBlobShared(self, oid: bytes, serial: bytes, data: bytes, filename: str,
                         txn_id: Any) -> None:
-        txn = self._check_txn(txn_id)
+        txn = self._writable_txn(txn_id, oid, serial)
         if (
             not isinstance(filename, str)
             or os.sep in filename
@@ -622,9 +853,9 @@ class Session(asyncio.Protocol):
             or filename in ("", ".", "..")
             or not (filename.endswith(".tmp") or filename[:-1].endswith(".tmp"))
         ):
-            logger.critical("(%s) storeBlobShared with a bad file name %r: refused",
-                            self.label, filename)
-            raise ValueError(f"bad blob file name {filename!r}")
+            logger.critical("(%s) storeBlobShared with a bad file name %s: refused",
+                            self.label, peer_repr(filename, 100))
+            raise ValueError(f"bad blob file name {peer_repr(filename, 100)}")
         helper = getattr(self.storage, "fshelper", None)
         if helper is None:
             raise ValueError("this storage has no shared blob directory")
@@ -703,3 +934,27 @@ class Session(asyncio.Protocol):
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
+
+
+def _check_oid(oid: Any) -> None:
+    """An oid a client writes: 8 bytes, at most :data:`MAX_OID`."""
+    if type(oid) is not bytes or len(oid) != 8:
+        raise StorageTransactionError(f"an oid is 8 bytes, not {peer_repr(oid, 40)}")
+    if oid > MAX_OID:
+        raise StorageTransactionError(f"oid {oid.hex()} is above the highest allowed, "
+                                      f"{MAX_OID.hex()}")
+
+
+def _check_tid_arg(tid: Any) -> None:
+    if tid is not None and (type(tid) is not bytes or len(tid) != 8):
+        raise ValueError(f"a transaction id is 8 bytes, not {peer_repr(tid, 40)}")
+
+
+def _record_data(data: Any) -> bytes | None:
+    """A record's data as it will be buffered: bytes (``zodbpickle.binary`` made plain), or
+    None (a restore of a deletion)."""
+    if data is None or type(data) is bytes:
+        return data
+    if isinstance(data, bytes):
+        return bytes(data)
+    raise StorageTransactionError(f"record data is bytes, not {type(data).__name__}")

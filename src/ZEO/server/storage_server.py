@@ -22,13 +22,11 @@ from typing import Any
 
 import ZODB.event
 from ZODB.Connection import TransactionMetaData
-from ZODB.POSException import ConflictError
+from ZODB.POSException import ConflictError, StorageTransactionError
 from ZODB.serialize import referencesf
-from ZODB.utils import oid_repr, p64, u64, z64
+from ZODB.utils import p64, u64, z64
 from zope.interface import providedBy
 
-from ..protocol.codecs import check_record_memo
-from ..protocol.errors import RemoteProtocolError
 from ..protocol.framing import DEFAULT_MAX_MESSAGE_SIZE
 from .commit import (
     CHECK,
@@ -37,9 +35,11 @@ from .commit import (
     STORE,
     UNDO,
     CommitLock,
+    OidCounterGuard,
     ServerTransaction,
     TxnPhase,
 )
+from .resolve import ClassAllowList, ConflictResolver
 from .session import OnewaysThenReply, PendingReply, Session
 
 logger = logging.getLogger("ZEO.server")
@@ -76,50 +76,24 @@ def _conflict_to_client(oid: bytes, committedSerial: bytes, oldSerial: bytes, ne
     raise ConflictError(oid=oid, serials=(committedSerial, oldSerial), data=newpickle)
 
 
-def _guarded_resolution(storage: Any, resolve: Callable[..., bytes]) -> Callable[..., bytes]:
-    """``storage``'s conflict resolution, refusing records whose memo indices are forged.
-
-    Resolving unpickles the new, the committed and the old record here, on the server; a
-    forged ``LONG_BINPUT`` index in any of them would make the unpickler allocate gigabytes
-    (see ``check_record_memo``).  Such a conflict stays unresolved: the voter gets the
-    ConflictError.
-    """
-    def tryToResolveConflict(oid: bytes, committedSerial: bytes, oldSerial: bytes,  # noqa: N803
-                             newpickle: bytes, committedData: bytes = b"") -> bytes:
-        try:
-            check_record_memo(newpickle)
-            for serial, data in ((committedSerial, committedData), (oldSerial, b"")):
-                try:
-                    data = data or storage.loadSerial(oid, serial)
-                except Exception:
-                    continue  # resolve() reports it as it would have
-                check_record_memo(data)
-        except RemoteProtocolError as e:
-            logger.warning("conflict on oid %s left unresolved: %s", oid_repr(oid), e)
-            raise ConflictError(oid=oid, serials=(committedSerial, oldSerial),
-                                data=newpickle) from None
-        return resolve(oid, committedSerial, oldSerial, newpickle, committedData)
-
-    return tryToResolveConflict
-
-
 def _wrapped_storages(storage: Any) -> list[Any]:
-    """``storage`` and the storages it wraps (BlobStorage proxies and the like)."""
+    """``storage`` and the storages it wraps: ZODB's ``BlobStorage`` (a plain wrapper since
+    ZODB 5, which keeps the base in a private attribute) and zope.proxy proxies."""
     found = [storage]
+    seen = {id(storage)}
     # No proxy can exist before zope.proxy is imported, and importing it costs memory.
     zope_proxy = sys.modules.get("zope.proxy")
-    if zope_proxy is None:
-        return found
-    getProxiedObject, isProxy = zope_proxy.getProxiedObject, zope_proxy.isProxy
-    seen = {id(storage)}
     current = storage
-    while isProxy(current):
-        current = getProxiedObject(current)
-        if id(current) in seen:
-            break
-        seen.add(id(current))
-        found.append(current)
-    return found
+    while True:
+        inner = vars(current).get("_BlobStorage__storage") if hasattr(current, "__dict__") \
+            else None
+        if inner is None and zope_proxy is not None and zope_proxy.isProxy(current):
+            inner = zope_proxy.getProxiedObject(current)
+        if inner is None or id(inner) in seen:
+            return found
+        seen.add(id(inner))
+        found.append(inner)
+        current = inner
 
 
 class _ServerDB:
@@ -161,6 +135,8 @@ class StorageState:
         self.loop = server.event_loop
         self.sessions: dict[Session, None] = {}
         self.lock = CommitLock()
+        # The counter lives on the base storage (BlobStorage only forwards reads to it).
+        self.oid_guard = OidCounterGuard(_wrapped_storages(storage)[-1])
         self.worker = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"zeo-commit-{storage_id}"
         )
@@ -199,7 +175,7 @@ class StorageState:
             if hasattr(s, "tryToResolveConflict"):
                 s.tryToResolveConflict = (
                     _conflict_to_client if server.client_conflict_resolution
-                    else _guarded_resolution(s, s.tryToResolveConflict))
+                    else ConflictResolver(s, server.conflict_classes))
         if hasattr(storage, "registerDB"):
             storage.registerDB(_ServerDB(self))
 
@@ -412,29 +388,35 @@ class StorageState:
             and txn.spool is None
             and txn.nbytes <= self.server.inline_vote_bytes
             and len(txn.records) <= 1000
-            and not any(rec[0] is UNDO for rec in txn.records)
+            and not any(rec[0] == UNDO for rec in txn.records)
         )
 
     def _vote_body(self, txn: ServerTransaction) -> tuple[str, Any]:
         """On the commit worker: replay the buffered records into the storage and vote."""
         storage = self.storage
         meta = txn.meta = TransactionMetaData(txn.user, txn.description, txn.extension)
+        if txn.tid is not None and txn.tid <= (storage.lastTransaction() or z64):
+            # Checked at tpc_begin too; another commit may have passed it since.
+            raise StorageTransactionError(
+                f"transaction id {txn.tid.hex()} is not after the last committed one")
         if txn.tid is not None or txn.status != " ":
             storage.tpc_begin(meta, txn.tid, txn.status)
         else:
             storage.tpc_begin(meta)
+        guard = self.oid_guard
+        raises = txn.oid_raises
         try:
             client_resolution = self.server.client_conflict_resolution
             conflicts: dict[bytes, dict] = {}
             invalidated: list[bytes] = []
             returned: list[bytes] = []
-            for rec in txn.records:
+            for rec in txn.all_records():
                 kind = rec[0]
-                if kind is STORE:
+                if kind == STORE:
                     oid = rec[1]
-                    data = txn.data(rec[3])
+                    data = rec[3]
                     try:
-                        storage.store(oid, rec[2], data, "", meta)
+                        guard.write(raises, oid, storage.store, oid, rec[2], data, "", meta)
                     except ConflictError as e:
                         if not client_resolution or e.oid is None:
                             raise
@@ -442,13 +424,14 @@ class StorageState:
                         continue
                     conflicts.pop(oid, None)
                     invalidated.append(oid)
-                elif kind is CHECK:
+                elif kind == CHECK:
                     storage.checkCurrentSerialInTransaction(rec[1], rec[2], meta)
-                elif kind is RESTORE:
-                    storage.restore(rec[1], rec[2], txn.data(rec[3]), "", rec[4], meta)
-                elif kind is DELETE:
+                elif kind == RESTORE:
+                    guard.write(raises, rec[1], storage.restore, rec[1], rec[2], rec[3], "",
+                                rec[4], meta)
+                elif kind == DELETE:
                     storage.deleteObject(rec[1], rec[2], meta)
-                elif kind is UNDO:
+                elif kind == UNDO:
                     result = storage.undo(rec[1], meta)
                     if result:
                         undone = list(result[1])
@@ -458,12 +441,14 @@ class StorageState:
             try:
                 while blobs:
                     oid, serial, data, path = blobs.pop(0)
-                    storage.storeBlob(oid, serial, data, path, "", meta)
+                    guard.write(raises, oid, storage.storeBlob, oid, serial, data, path, "",
+                                meta)
                     invalidated.append(oid)
             finally:
                 txn.blobs = blobs  # whatever was not consumed is removed at the end
             if conflicts:
                 storage.tpc_abort(meta)
+                guard.undo(raises)
                 return "conflicts", list(conflicts.values())
             resolved = storage.tpc_vote(meta)
             if resolved:
@@ -473,6 +458,7 @@ class StorageState:
             return "ok", returned
         except BaseException:
             storage.tpc_abort(meta)
+            guard.undo(raises)
             raise
 
     def finish(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
@@ -533,7 +519,11 @@ class StorageState:
                 if reply is not None:
                     reply.resolve(None) if ok else reply.fail(result)
 
-            self._on_worker(self.storage.tpc_abort, (txn.meta,), aborted)
+            def tpc_abort() -> None:  # on the commit worker
+                self.storage.tpc_abort(txn.meta)
+                self.oid_guard.undo(txn.oid_raises)
+
+            self._on_worker(tpc_abort, (), aborted)
             return
         if phase is TxnPhase.WAITING:
             self.lock.cancel(txn)
@@ -598,6 +588,37 @@ class StorageState:
         )
 
 
+#: File descriptors kept for everything but client connections: storage files, blob files,
+#: logs, the admin socket, the metrics endpoint, connections being refused.
+FD_RESERVE = 64
+
+
+def connection_limit(configured: int | None, open_iterators: int) -> int:
+    """``max-connections``: as configured, but never more than the file descriptors left
+    after the reserve and the iterators (``RLIMIT_NOFILE``, whose soft limit is raised to
+    the hard one first), so the server can always accept and refuse cleanly."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return configured or 10000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    room = max(soft - FD_RESERVE - open_iterators, 1)
+    if configured is None:
+        return min(room, 10000)
+    if configured > room:
+        logger.warning("max-connections %d is above what %d file descriptors allow: "
+                       "using %d", configured, soft, room)
+    return min(configured, room)
+
+
 def _supports_undo(storage: Any) -> bool:
     supports = getattr(storage, "supportsUndo", None)  # MappingStorage has none
     return bool(supports()) if supports is not None else False
@@ -660,23 +681,28 @@ class StorageServer:
         read_only: bool = False,
         invalidation_queue_size: int = 100,
         invalidation_age: float | None = None,
-        transaction_timeout: float | None = None,
+        transaction_timeout: float | None = 30.0,
         ssl: Any = None,
         authorization: Any = None,
         client_conflict_resolution: bool = False,
         msgpack: bool | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        max_transaction_size: int | None = None,
+        max_transaction_size: int | None = 2 * 1024**3,
         inline_vote_bytes: int = 256 * 1024,
         transaction_memory: int = 32 * 1024 * 1024,
         spool_dir: str | None = None,
-        max_connections: int = 10000,
+        max_connections: int | None = None,
         register_timeout: float | None = 60.0,
         max_output_buffer: int = 256 * 1024 * 1024,
         unix_socket_mode: int = 0o600,
         tcp_keepalive: float | None = 60.0,
         admin_socket: str | None = None,
         metrics_address: tuple[str, int] | None = None,
+        max_calls_in_flight: int = 64,
+        max_iterators: int = 16,
+        max_open_iterators: int = 256,
+        max_buffered: int = 1024**3,
+        conflict_resolution_classes: Any = (),
         **ignored: Any,
     ) -> None:
         if not storages:
@@ -688,6 +714,8 @@ class StorageServer:
         self.invalidation_age = invalidation_age
         self.transaction_timeout = transaction_timeout
         self.client_conflict_resolution = bool(client_conflict_resolution)
+        #: What server-side conflict resolution may unpickle (ZEO.server.resolve).
+        self.conflict_classes = ClassAllowList(conflict_resolution_classes)
         self.msgpack = bool(msgpack)
         self.announce = b"M5" if msgpack else b"Z5"
         self.max_message_size = max_message_size
@@ -695,7 +723,15 @@ class StorageServer:
         self.transaction_memory = transaction_memory  # per transaction, before spilling
         self.inline_vote_bytes = inline_vote_bytes  # smaller votes run on the loop thread
         self.spool_dir = spool_dir
-        self.max_connections = max_connections
+        self.max_open_iterators = max_open_iterators  # server-wide: each may hold a file
+        self.max_connections = connection_limit(max_connections, max_open_iterators)
+        self.max_calls_in_flight = max_calls_in_flight  # per connection, then it is not read
+        self.max_iterators = max_iterators  # open storage iterators per connection
+        self.max_buffered = max_buffered  # partial frames + unsent output of slow readers
+        self.open_iterators = 0
+        self.buffered_input = 0
+        #: Sessions whose transport paused writing (a backlog above 1 MiB).
+        self.slow_readers: dict[Session, None] = {}
         self.register_timeout = register_timeout  # seconds to register after connecting
         self.max_output_buffer = max_output_buffer  # unsent bytes before a client is dropped
         self.unix_socket_mode = unix_socket_mode
@@ -798,12 +834,33 @@ class StorageServer:
 
     def session_opened(self, session: Session) -> bool:
         """Admit a new session; False when the server is at ``max_connections``."""
-        if len(self.sessions) >= self.max_connections or self._closed:
+        if self._closed:
+            return False
+        if len(self.sessions) >= self.max_connections and not self._evict_unregistered():
             return False
         self.sessions[session] = None
         self.connections_total += 1
         logger.debug("(%s) connected", session.peer)
         return True
+
+    def _evict_unregistered(self) -> bool:
+        """At ``max_connections``: close the oldest connection that has not registered after
+        a second (a client registers at once), so idle connections cannot lock clients out."""
+        cutoff = time.time() - 1.0
+        for session in self.sessions:  # oldest first
+            if session.state is None and not session.closed and session.connected_at < cutoff:
+                logger.warning("(%s) closed unregistered after %.1f s: the server is at "
+                               "max-connections (%d)", session.label,
+                               time.time() - session.connected_at, self.max_connections)
+                session.close()
+                self.sessions.pop(session, None)
+                return True
+        return False
+
+    def unsent_output(self) -> int:
+        """Bytes queued for clients that are not reading (the only large backlogs)."""
+        return sum(s.transport.get_write_buffer_size() for s in self.slow_readers
+                   if s.transport is not None)
 
     def session_closed(self, session: Session) -> None:
         if self.sessions.pop(session, 0) is None:
