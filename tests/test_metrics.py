@@ -129,3 +129,32 @@ def test_endpoint_stops_with_the_server(tmp_path):
             break
         assert time.monotonic() < deadline, "metrics endpoint still answers after close()"
         time.sleep(0.05)
+
+
+def test_bare_port_binds_loopback_few_threads_404_and_process_metrics(tmp_path):
+    import socket
+    import threading
+    import time
+    import urllib.error
+
+    srv = StorageServer(("127.0.0.1", 0), {"1": FileStorage(str(tmp_path / "Data.fs"))},
+                        metrics_address=("", 0))
+    thread = srv.start_thread()
+    try:
+        host, port = srv.metrics.address
+        assert host == "127.0.0.1"  # a bare port never means every interface
+        samples = scrape(srv)
+        assert any(name.startswith("process_") for name, _ in samples)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://{host}:{port}/anything", timeout=10)
+        assert e.value.code == 404
+        threads = threading.active_count()
+        idle = [socket.create_connection((host, port)) for _ in range(50)]
+        time.sleep(0.2)
+        assert threading.active_count() <= threads + 4  # not a thread per connection
+        for s in idle:
+            s.close()
+        assert scrape(srv)[("zeo_server_connections", ())] == 0  # still answers
+    finally:
+        srv.close()
+        thread.join(30)

@@ -52,6 +52,13 @@ def srv(tmp_path_factory):
     server.data_fs = d / "Data.fs"
     server.waits: list[float] = []
     yield server
+    with open(f"/proc/{server.proc.pid}/status") as f:
+        peak = next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM:"))
+    waits = sorted(server.waits) or [0.0]
+    print(f"\ntrust boundaries: server peak RSS {peak} MB; a normal ZEO.DB client connected, "
+          f"committed and read {len(waits)} times during the attacks: median "
+          f"{waits[len(waits) // 2]:.3f} s, longest {waits[-1]:.3f} s")
+    assert peak < RSS_BOUND_MB
     server.stop()
     # Nothing committed was lost or damaged by any attack of this module.
     fstest.check(str(d / "Data.fs"))
@@ -353,6 +360,31 @@ def test_pipelined_calls_do_not_pile_up(srv):
     evil.close()
 
 
+def test_clients_that_do_not_read_large_replies(srv):
+    """6 clients ask for a 1 MB record 2,000 times each and never read: each is stopped
+    being read once its backlog passes 1 MiB, instead of holding gigabytes."""
+    with registered(srv) as w:
+        [oid] = w.call("new_oids", 1)
+        _commit(w, oid, Z64, b"\x80\x03}." + b"x" * 2**20, 6001)
+    before = rss_mb(srv)
+    evil = []
+    for _ in range(6):
+        c = registered(srv, read_only=True)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        frame = c.codec.encode((1, False, "loadBefore", (oid, MAXTID)))
+        c.sock.setblocking(False)
+        try:
+            c.sock.send((struct.pack(">I", len(frame)) + frame) * 2000)
+        except BlockingIOError:
+            pass
+        evil.append(c)
+    time.sleep(1)
+    assert rss_mb(srv) < before + 60
+    normal_client_works(srv)
+    for c in evil:
+        c.close()
+
+
 def test_blob_chunks_need_a_writable_transaction(srv):
     for read_only in (True, False):  # read-only, or writable but outside a transaction
         with registered(srv, read_only=read_only) as c:
@@ -441,3 +473,51 @@ def test_silent_voter_loses_the_lock(tmp_path):
 def test_transaction_timeout_on_by_default(srv):
     with registered(srv) as c:
         assert c.call("server_status")["timeout-thread-is-alive"] is True
+
+
+def _partial_frame(c: RawClient, size: int, sent: int) -> None:
+    """Announce a ``size``-byte frame and send ``sent`` bytes of it."""
+    c.send_raw(struct.pack(">I", size))
+    chunk = b"x" * (1 << 20)
+    for _ in range(sent >> 20):
+        c.send_raw(chunk)
+
+
+def test_memory_of_partial_frames_is_returned(srv):
+    before = rss_mb(srv)
+    conns = [registered(srv) for _ in range(4)]
+    for c in conns:
+        _partial_frame(c, 60 * 2**20, 50 * 2**20)
+    deadline = time.monotonic() + 10
+    while rss_mb(srv) < before + 150 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    held = rss_mb(srv)
+    assert held > before + 150  # the server holds the partial frames...
+    for c in conns:
+        c.close()
+    deadline = time.monotonic() + 10
+    while rss_mb(srv) > before + 30 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rss_mb(srv) < before + 30, (before, held, rss_mb(srv))  # ...and gives them back
+    normal_client_works(srv)
+
+
+def test_server_wide_budget_for_partial_frames(tmp_path):
+    server = start_server("ours", tmp_path, filestorage_conf(tmp_path / "Data.fs"),
+                          "  max-buffered 64MB")
+    try:
+        conns = [registered(server) for _ in range(4)]
+        closed = 0
+        for c in conns:
+            try:
+                _partial_frame(c, 40 * 2**20, 30 * 2**20)
+            except OSError:
+                closed += 1
+        closed += sum(c.is_closed_by_peer(timeout=2) for c in conns)
+        assert closed >= 2  # 4 x 30 MB does not fit in 64 MB: the later ones are dropped
+        assert "server-wide buffer budget" in server.log()
+        normal_client_works(server)
+        for c in conns:
+            c.close()
+    finally:
+        server.stop()

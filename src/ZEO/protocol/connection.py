@@ -75,6 +75,10 @@ class _Base:
         """Bytes received that wait for the rest of their frame."""
         return self._frames.buffered
 
+    def discard_buffered(self) -> None:
+        """Free the partial frame received so far (the connection is gone)."""
+        self._frames.clear()
+
     def _frame(self, msg: tuple) -> bytes:
         codec = self.codec
         if codec is None:

@@ -44,6 +44,12 @@ class FrameDecoder:
         self._size = 0  # its length
         self.max_size = max_size
 
+    def clear(self) -> None:
+        """Drop whatever partial frame is buffered (the connection is gone)."""
+        self._buf = bytearray()
+        self._parts = []
+        self._need = self._size = 0
+
     @property
     def buffered(self) -> int:
         large = self._size + 4 - self._need if self._need else 0  # 4: its header

@@ -169,18 +169,48 @@ class MetricsExporter:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    #: One thread serves every request in turn: an idle connection may hold it this long.
-    timeout = 5
+    #: Seconds an idle connection may hold one of the few serving threads.
+    timeout = 2
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
+class _BoundedThreadingServer(WSGIServer):
+    """Serves each request in a thread, at most ``max_threads`` at once: prometheus_client's
+    own server starts a thread for every connection, with no limit.  When all are busy the
+    accept loop waits."""
+
+    max_threads = 4
+    request_queue_size = 64
+    daemon_threads = True
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_threads)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()
+        threading.Thread(target=self._serve, args=(request, client_address),
+                         name="zeo-metrics-request", daemon=True).start()
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("metrics: error serving %s", client_address, exc_info=True)
+
+
 def _http_server(host: str, port: int, app: Any) -> WSGIServer:
-    """A single-threaded HTTP server: prometheus_client's own starts a thread for every
-    connection, with no limit."""
+    """An HTTP server for ``app`` on ``host:port`` with a bounded number of threads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("MetricsServer", (WSGIServer,), {"address_family": family})
+    server_class = type("MetricsServer", (_BoundedThreadingServer,), {"address_family": family})
     return make_server(host, port, app, server_class, handler_class=_QuietHandler)
 
 

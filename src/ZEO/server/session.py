@@ -52,6 +52,9 @@ BLOB_CHUNK_SIZE = 59000
 #: Largest frame before registration (the handshake, then a ``register`` call that names a
 #: storage): a peer that has not registered cannot make us buffer more than this.
 REGISTER_MAX_MESSAGE = 64 * 1024
+#: Replies batched while handling one received chunk are written once they reach this size,
+#: so a client that does not read is noticed (pause_writing) before a large backlog builds.
+BATCH_BYTES = 256 * 1024
 #: Longest client label and storage name kept or logged.
 MAX_LABEL = 256
 #: An error reply larger than this is replaced by a short one (its text came from the peer).
@@ -167,6 +170,7 @@ class Session(asyncio.Protocol):
         self.txn: ServerTransaction | None = None
         self.closed = False
         self._batch: list[bytes] | None = None
+        self._batch_bytes = 0
         self._current: tuple = (None, 0, "", ())  # the message being dispatched
         self._methods: dict[str, Callable] = {"register": self.register}
         self._iterators: dict[int, Any] = {}
@@ -180,6 +184,7 @@ class Session(asyncio.Protocol):
         self._held_events: Any = None  # the rest of a chunk, while reading is paused
         self._reading_paused = False
         self._buffered = 0  # bytes of partial frames, counted in the server's budget
+        self.held_memory = False  # it once held a large partial frame or backlog
         self.connected_at = time.time()
         self.calls = 0
         self.bytes_in = 0
@@ -231,8 +236,9 @@ class Session(asyncio.Protocol):
         self._account_buffered()
 
     def _handle_events(self, events: Any) -> None:
-        """Handle the events of one received chunk; if too many calls are in flight, pause
-        reading and keep the rest for :meth:`call_ended`."""
+        """Handle the events of one received chunk; when too many calls are in flight or
+        the client does not read our replies, pause reading and keep the rest for
+        :meth:`_resume`."""
         # Replies produced while handling this chunk leave in one write at the end.
         self._batch = batch = []
         limit = self.server.max_calls_in_flight
@@ -251,7 +257,7 @@ class Session(asyncio.Protocol):
                     return
                 if self.closed:
                     break
-                if self._in_flight >= limit:
+                if self._in_flight >= limit or not self._writable.is_set():
                     self._held_events = events
                     self._pause_reading()
                     break
@@ -280,6 +286,8 @@ class Session(asyncio.Protocol):
         delta = now - self._buffered
         if delta:
             self._buffered = now
+            if now > 1 << 20:
+                self.held_memory = True
             server = self.server
             server.buffered_input += delta
             if (delta > 0 and server.buffered_input > server.max_buffered
@@ -294,10 +302,19 @@ class Session(asyncio.Protocol):
             self._reading_paused = True
             self.transport.pause_reading()
 
-    def _maybe_resume_reading(self) -> None:
-        """Read again once no call is held back and the client reads what we send."""
-        if (self._reading_paused and self._held_events is None and self._writable.is_set()
-                and not self.closed and self.transport is not None):
+    def _can_go_on(self) -> bool:
+        return (not self.closed and self._writable.is_set()
+                and self._in_flight < self.server.max_calls_in_flight)
+
+    def _resume(self) -> None:
+        """Handle what :meth:`_handle_events` held back and read again, once the calls in
+        flight and the client's reading allow it."""
+        if not self._reading_paused or not self._can_go_on():
+            return
+        events, self._held_events = self._held_events, None
+        if events is not None:
+            self._handle_events(events)  # may hold back again
+        if self._held_events is None and self._can_go_on() and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
 
@@ -305,14 +322,10 @@ class Session(asyncio.Protocol):
         self._in_flight += 1
 
     def call_ended(self) -> None:
-        """A call answered later is done: resume what :meth:`_handle_events` held back."""
+        """A call answered later is done."""
         self._in_flight -= 1
-        if self._reading_paused and not self.closed and (
-                self._in_flight < self.server.max_calls_in_flight):
-            events, self._held_events = self._held_events, None
-            if events is not None:
-                self._handle_events(events)
-            self._maybe_resume_reading()
+        if self._reading_paused:
+            self._resume()
 
     def _flush(self, batch: list[bytes]) -> None:
         if batch and self.transport is not None and not self.transport.is_closing():
@@ -324,11 +337,15 @@ class Session(asyncio.Protocol):
                 self.transport.writelines(batch)
             self._check_output()
         batch.clear()
+        self._batch_bytes = 0
 
     def write(self, frame: bytes) -> None:
         batch = self._batch
         if batch is not None:
             batch.append(frame)
+            self._batch_bytes += len(frame)
+            if self._batch_bytes > BATCH_BYTES:  # let the transport tell us to stop
+                self._flush(batch)
         elif self.transport is not None and not self.transport.is_closing():
             self.bytes_out += len(frame)
             self.transport.write(frame)
@@ -340,6 +357,9 @@ class Session(asyncio.Protocol):
         batch = self._batch
         if batch is not None:
             batch.extend(frames)
+            self._batch_bytes += sum(map(len, frames))
+            if self._batch_bytes > BATCH_BYTES:
+                self._flush(batch)
         else:
             self._flush(frames)
 
@@ -374,13 +394,14 @@ class Session(asyncio.Protocol):
         # A client that does not read what we send is not read either: its requests would
         # only add to the backlog.
         self._writable.clear()
+        self.held_memory = True
         self.server.slow_readers[self] = None
         self._pause_reading()
 
     def resume_writing(self) -> None:
         self._writable.set()
         self.server.slow_readers.pop(self, None)
-        self._maybe_resume_reading()
+        self._resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -399,6 +420,8 @@ class Session(asyncio.Protocol):
         self._iterators.clear()
         self._iterator_last.clear()
         self._held_events = None
+        self._methods = {}  # bound methods: a cycle that would keep this session for the GC
+        self.conn.discard_buffered()
         self.server.slow_readers.pop(self, None)
         self.server.buffered_input -= self._buffered
         self._buffered = 0

@@ -588,6 +588,17 @@ class StorageState:
         )
 
 
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError, ImportError):  # not glibc
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
+
 #: File descriptors kept for everything but client connections: storage files, blob files,
 #: logs, the admin socket, the metrics endpoint, connections being refused.
 FD_RESERVE = 64
@@ -729,6 +740,7 @@ class StorageServer:
         self.max_iterators = max_iterators  # open storage iterators per connection
         self.max_buffered = max_buffered  # partial frames + unsent output of slow readers
         self.open_iterators = 0
+        self._trim_scheduled = False
         self.buffered_input = 0
         #: Sessions whose transport paused writing (a backlog above 1 MiB).
         self.slow_readers: dict[Session, None] = {}
@@ -866,6 +878,17 @@ class StorageServer:
         if self.sessions.pop(session, 0) is None:
             self.closed_bytes_in += session.bytes_in
             self.closed_bytes_out += session.bytes_out
+        if session.held_memory and not self._trim_scheduled:
+            self._trim_scheduled = True
+            self.event_loop.call_later(1.0, self._return_memory)
+
+    def _return_memory(self) -> None:
+        """Give freed memory back to the system after a connection that held a large
+        buffer closed: glibc keeps freed blocks in its arenas, so RSS would stay at the
+        peak an attacker pushed it to."""
+        self._trim_scheduled = False
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     # -- status ---------------------------------------------------------------------------
 
