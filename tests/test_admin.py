@@ -97,6 +97,20 @@ def test_disconnect_by_label_id_and_unknown(server):
             admin_request(server.admin.path, "disconnect", "nobody")
 
 
+def test_disconnect_by_the_client_label_alone(server):
+    """``disconnect myapp`` finds the clients whose client_label is ``myapp`` (issue 22)."""
+    a, b, c = connect(server, "myapp"), connect(server, "myapp"), connect(server, "other")
+    with a, b, c:
+        clients = admin_request(server.admin.path, "clients")
+        mine = sorted(x["id"] for x in clients if x["client_label"] == "myapp")
+        assert len(mine) == 2
+        assert admin_request(server.admin.path, "disconnect", "myapp") == {"disconnected": mine}
+        for gone in (a, b):
+            with pytest.raises(Closed):
+                gone.call("ping")
+        assert c.call("ping") is None
+
+
 def test_line_protocol_plain_words_json_and_errors(server):
     replies = raw_lines(
         server.admin.path,

@@ -391,3 +391,28 @@ def test_socket_transport_sends_parts_in_order_through_partial_writes() -> None:
         a.close()
         b.close()
     assert bytes(received) == expected
+
+
+def test_silent_port_fails_within_wait_timeout_with_a_hint(caplog):
+    """A port that accepts and says nothing (not ZEO, or TLS): the client tells which address
+    it tries at INFO, and gives up after wait_timeout, not after a fixed 10 s (issue 22)."""
+    import logging
+    import socket
+    import time
+
+    import ZEO
+    from ZEO.Exceptions import ClientDisconnected
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    addr = listener.getsockname()
+    caplog.set_level(logging.INFO, logger="ZEO.ClientStorage")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ClientDisconnected):
+            ZEO.client(addr, wait_timeout=3)
+    finally:
+        listener.close()
+    assert time.monotonic() - t0 < 8
+    text = caplog.text
+    assert f"connecting to {addr!r}" in text
+    assert "sent no ZEO greeting within 3" in text and "TLS" in text

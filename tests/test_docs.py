@@ -26,7 +26,7 @@ PAGES = sorted(DOCS.glob("*.rst"))
 def html(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("html")
     r = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
+        [sys.executable, "-m", "sphinx", "-n", "-W", "--keep-going", "-q", "-b", "html",
          "-d", str(out / ".doctrees"), str(DOCS), str(out)],
         capture_output=True, text=True, timeout=150,
         env=dict(os.environ, PYTHONPATH=str(REPO / "src")),

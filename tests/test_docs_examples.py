@@ -35,7 +35,8 @@ ENV = dict(os.environ, PYTHONPATH=SRC)
 
 #: The example files this module exercises; test_docs checks the docs include no others.
 TESTED_EXAMPLES = {"app.py", "quickstart.conf", "zeo.conf", "zdaemon.conf", "zeo.service",
-                   "supervisord.conf", "tls/zeo.conf", "tls/client.conf", "tls/client.py"}
+                   "supervisord.conf", "tls/zeo.conf", "tls/client.conf", "tls/client.py",
+                   "zeoctl.conf"}  # zeoctl.conf: tests/test_tools_zeoctl.py
 
 
 def test_every_example_is_tested():

@@ -418,3 +418,61 @@ def test_tls_server_from_config(tmp_path, servers):
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         if greeting(False) != b"\0\0\0\x02Z5":
             raise ConnectionError("refused")
+
+
+def test_metrics_without_prometheus_client_is_a_one_line_startup_error(tmp_path):
+    """Exit 2 and one line (a supervisor does not restart on it), not a traceback."""
+    import sys
+
+    conf = tmp_path / "zeo.conf"
+    conf.write_text("<zeo>\n  address 127.0.0.1:0\n  <metrics>\n    address 0\n  </metrics>\n"
+                    "</zeo>\n<mappingstorage/>\n")
+    code = ("import sys; sys.modules['prometheus_client'] = None; "
+            "from ZEO.runzeo import main; main()")
+    result = subprocess.run([sys.executable, "-c", code, "-C", str(conf)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "prometheus_client" in line and line.startswith("runzeo: error:")
+
+
+def test_bad_conflict_resolution_class_is_a_startup_error(tmp_path):
+    conf = tmp_path / "zeo.conf"
+    conf.write_text("<zeo>\n  address 127.0.0.1:0\n  conflict-resolution-class nodots\n"
+                    "</zeo>\n<mappingstorage/>\n")
+    result = run_runzeo("-C", str(conf))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "nodots" in result.stderr
+
+
+def test_log_lines_use_zeos_logger_names(tmp_path, servers):
+    """Operators' log monitoring greps ZEO 6's logger names and key messages (issue 22)."""
+    log = tmp_path / "zeo.log"
+    port = free_port()
+    conf = (f"<zeo>\n  address 127.0.0.1:{port}\n</zeo>\n<mappingstorage/>\n"
+            f"<eventlog>\n  level INFO\n  <logfile>\n    path {log}\n"
+            "    format %(name)s %(message)s\n  </logfile>\n</eventlog>\n")
+    servers.append(start(tmp_path, conf, ("127.0.0.1", port)))
+    wait_for_log(log, "listening on")
+    text = log.read_text()
+    assert "ZEO.StorageServer StorageServer created RW with storages: 1:RW:" in text
+    assert f"ZEO.asyncio.server listening on 127.0.0.1:{port}" in text
+
+
+def test_warns_in_one_line_when_zeo_is_installed_beside_us(tmp_path):
+    """pip lets ZEO and zeo-ng both own the ZEO package; runzeo says so at start."""
+    site = tmp_path / "site"
+    (site / "ZEO-6.2.dist-info").mkdir(parents=True)
+    conf = tmp_path / "zeo.conf"
+    conf.write_text("<zeo>\n  address 127.0.0.1:0\n</zeo>\n<mappingstorage/>\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(site), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([*RUNZEO, "-C", str(conf), "--test"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 0
+    [line] = [x for x in result.stderr.splitlines() if "ZEO 6.2" in x]
+    assert line.startswith("runzeo: warning:") and "pip uninstall ZEO" in line
+    clean = subprocess.run([*RUNZEO, "-C", str(conf), "--test"], capture_output=True,
+                           text=True, timeout=60)
+    assert "pip uninstall" not in clean.stderr

@@ -19,6 +19,7 @@ from ZODB.MappingStorage import MappingStorage
 from ZODB.utils import p64, z64
 
 from support.wire import RemoteError, WireClient
+from ZEO.server import StorageServer
 from ZEO.wire import Closed
 
 pytestmark = pytest.mark.timeout(60)
@@ -350,3 +351,27 @@ def test_invalidations_never_go_backwards(make_server):
     server.event_loop.call_soon_threadsafe(state.publish, newer, [oid], None)
     assert b.read_message()[3] == (newer, [oid])  # the older one was not sent
     assert b.call("lastTransaction") == newer
+
+
+def test_every_interface_port_zero_is_one_port_for_both_families():
+    """``runzeo -a 0`` on a dual-stack host: IPv4 and IPv6 on the same port (issue 22)."""
+    server = StorageServer(("", 0), {"1": MappingStorage()})
+    try:
+        ports = {s.getsockname()[1] for lst in server._listeners for s in lst.sockets}
+        assert len(ports) == 1 and server.addresses[0][1] in ports
+    finally:
+        server.close()
+
+
+def test_timeout_thread_field_as_zeo_reports_it():
+    """ZEO's ``timeout-thread-is-alive``: True with a timeout (30 s by default), "stub"
+    without one (operations.rst)."""
+    with_timeout = StorageServer(("127.0.0.1", 0), {"1": MappingStorage()})
+    without = StorageServer(("127.0.0.1", 0), {"1": MappingStorage()}, transaction_timeout=None)
+    try:
+        assert with_timeout.transaction_timeout == 30.0
+        assert with_timeout.server_status("1")["timeout-thread-is-alive"] is True
+        assert without.server_status("1")["timeout-thread-is-alive"] == "stub"
+    finally:
+        with_timeout.close()
+        without.close()

@@ -119,3 +119,20 @@ def test_format_output():
     assert nagios.format_output(["OK"], []) == "OK"
     assert nagios.format_output(["OK"], ["a=1"]) == "OK|a=1"
     assert nagios.format_output(["OK"], ["a=1", "b=2", "c=3"]) == "OK|a=1\n| b=2\n c=3"
+
+
+def test_silent_port_is_critical_within_the_timeout():
+    """A port that accepts and says nothing: CRITICAL after --timeout, not a hang (issue 22)."""
+    import socket
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        result = run("--timeout", "1", f"127.0.0.1:{port}")
+        assert result.returncode == 2
+        assert result.stdout.startswith("Can't connect")
+        assert time.monotonic() - t0 < 10
+    finally:
+        listener.close()

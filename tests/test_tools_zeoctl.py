@@ -102,3 +102,27 @@ def test_zeoctl_requires_a_runner(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 2
     assert "runner" in result.stderr
+
+
+def test_help_prints_usage():
+    result = subprocess.run([*ZEOCTL, "-h"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.startswith("Usage: zeoctl -C zeo.conf")
+    assert "logreopen" in result.stdout and "zdctl's options" not in result.stdout
+
+
+def test_example_config_parses_for_zeoctl_and_runzeo(tmp_path):
+    """examples/zeoctl.conf, with its paths moved to a scratch directory, is read by both."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "examples" / "zeoctl.conf").read_text()
+    text = text.replace("%define ETC /etc/zeo", f"%define ETC {tmp_path}").replace(
+        "%define VAR /var/lib/zeo", f"%define VAR {tmp_path}")
+    conf = tmp_path / "zeoctl.conf"
+    conf.write_text(text)
+    status = subprocess.run([*ZEOCTL, "-C", str(conf), "status"], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert "daemon manager not running" in status.stdout, status.stdout + status.stderr
+    test = subprocess.run([sys.executable, "-m", "ZEO.runzeo", "-C", str(conf), "--test"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert test.returncode == 0, test.stderr

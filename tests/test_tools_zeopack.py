@@ -128,3 +128,39 @@ def test_pack_time():
     # 13:00 has not come yet today: yesterday's 13:00.
     assert zeopack.pack_time(0, "13", now) == time.mktime((2024, 5, 9, 13, 0, 0, 0, 0, -1))
     assert zeopack.pack_time(1, "11:59:30", now) == now - 30 - 86400
+
+
+def test_waiting_shows_progress_on_a_terminal(tmp_path):
+    """On a terminal, zeopack shows a progress line while it waits for the server, and
+    gives up after --timeout (issue 22)."""
+    import os
+    import pty
+    import select
+    import time
+
+    from support.servers import free_port
+
+    main_fd, sub_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ZEO.scripts.zeopack", "--timeout", "2",
+                             f"127.0.0.1:{free_port()}"],
+                            stdin=sub_fd, stdout=sub_fd, stderr=sub_fd, close_fds=True)
+    os.close(sub_fd)
+    out = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([main_fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(main_fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(main_fd)
+    assert proc.wait(10) != 0
+    text = out.decode(errors="replace")
+    assert "connecting to 127.0.0.1:" in text and "no answer" in text
+    assert "within 2s" in text

@@ -10,7 +10,7 @@ from typing import Any
 
 
 def client(*args: Any, **kw: Any):
-    """Open a :class:`ZEO.ClientStorage.ClientStorage` (same arguments)."""
+    """Open a :class:`~ZEO.ClientStorage.ClientStorage` (same arguments)."""
     from .client.storage import ClientStorage
 
     return ClientStorage(*args, **kw)
@@ -47,7 +47,17 @@ def server(
     threaded: bool = True,
     **kw: Any,
 ):
-    """Start an ad hoc server; return ``(address, stop)``. See :mod:`ZEO._adhoc`."""
+    """Start an ad hoc server; return ``(address, stop)``.
+
+    The storage is a MappingStorage, or a FileStorage at ``path``, wrapped in a BlobStorage
+    when ``blob_dir`` is given; ``storage_conf`` (storage sections of a configuration file)
+    replaces both.  ``zeo_conf`` is a dict of ``<zeo>`` options (``read_only=True``...,
+    plus ``log`` and ``loglevel``) or a whole ``<zeo>`` section.  ``port``: an int binds
+    127.0.0.1 (0: the kernel picks), a str is a Unix socket path.  ``threaded`` serves from
+    a thread of this process, otherwise from a child process.  ``stop(stop_timeout=99)``
+    shuts the server down.  Keyword-only: ``name``, ``log`` (a log file), ``show_config``
+    (print the configuration), ``debug`` (log at DEBUG), ``start_timeout``.
+    """
     from ._adhoc import server as _server
 
     return _server(

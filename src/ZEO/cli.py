@@ -278,7 +278,11 @@ def _lines(value: Any, max_bytes: int) -> list[str]:
 
 
 def format_value(value: Any, max_bytes: int = 64) -> str:
-    """Readable text: bytes as hex (long ones cut), one dict key or list item per line."""
+    """Readable text: bytes as hex (long ones cut), one dict key or list item per line.
+
+    Not YAML (PyYAML would print bytes as base64 and need a dependency): ``--json`` gives
+    machine-readable output.
+    """
     return "\n".join(_lines(value, max_bytes))
 
 
@@ -312,18 +316,29 @@ STATUS_COLUMNS = ("connections", "loads", "stores", "commits", "aborts", "confli
                   "active_txns", "waiting", "last-transaction")
 
 
+def table(rows: list[tuple[str, ...]], numeric: bool = False) -> list[str]:
+    """``rows`` (the first one the headers) as aligned text lines, two spaces apart; with
+    ``numeric``, every column but the first is aligned right.
+
+    Hand-written on purpose: two small tables do not justify a dependency (tabulate, rich)
+    in every server's environment.
+    """
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [c.rjust(w) if numeric and i else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
 def status_table(status: dict) -> str:
     """One row per storage of a ``ruok`` status dict."""
-    headers = ("storage",) + STATUS_COLUMNS
-    rows = [headers]
+    rows = [("storage",) + STATUS_COLUMNS]
     for sid in sorted(status):
         st = status[sid]
         rows.append((sid,) + tuple(str(st.get(c, "")) for c in STATUS_COLUMNS))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
-    out = []
-    for r in rows:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
-        out.append("  ".join(cells).rstrip())
+    out = table(rows, numeric=True)
     starts = {status[sid].get("start") for sid in status}
     if len(starts) == 1 and None not in starts:
         out.append(f"serving since {starts.pop()}")
@@ -504,9 +519,8 @@ def cmd_admin(args: argparse.Namespace, out: TextIO) -> int:
 
 def clients_table(clients: list[dict]) -> str:
     headers = ("id", "label", "peer", "storage", "read_only", "protocol", "calls")
-    rows = [headers] + [tuple(str(c.get(h, "")) for h in headers) for c in clients]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join(table([headers] + [tuple(str(c.get(h, "")) for h in headers)
+                                        for c in clients]))
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -583,6 +597,11 @@ def run(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> 
 
 def main(argv: list[str] | None = None) -> None:
     """Console script entry point."""
+    from ._installed import warning
+
+    mixed = warning()
+    if mixed:
+        print(f"zeo: {mixed}", file=sys.stderr)
     status = run(sys.argv[1:] if argv is None else argv)
     try:
         sys.stdout.flush()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import struct
 import sys
 import time
@@ -38,36 +37,11 @@ def parse_address(text: str):
     return text
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("connection closed by the server")
-        data += chunk
-    return data
-
-
-def _read_frame(sock: socket.socket) -> bytes:
-    (size,) = struct.unpack(">I", _read_exactly(sock, 4))
-    return _read_exactly(sock, size)
-
-
-def fetch_status(addr: Any, timeout: float = 30.0) -> dict:
+def fetch_status(addr: Any, timeout: float = 10.0) -> dict:
     """The server's ``{storage_id: status}`` from the ``ruok`` handshake."""
-    if isinstance(addr, str):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: Any = addr
-    else:
-        info = socket.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(info[0], socket.SOCK_STREAM)
-        target = info[4]
-    with sock:
-        sock.settimeout(timeout)
-        sock.connect(target)
-        sock.sendall(struct.pack(">I", 4) + b"ruok")
-        _read_frame(sock)  # the protocol greeting
-        return json.loads(_read_frame(sock).decode("ascii"))
+    from .wire import ruok  # the same probe as ``zeo ADDRESS status``
+
+    return ruok(addr, timeout=timeout)[1]
 
 
 def _prefix(storage_id: str) -> str:
@@ -115,12 +89,12 @@ def format_output(messages: list[str], metrics: list[str]) -> str:
 
 
 def check(addr: Any, output_metrics: bool = False, status_path: str | None = None,
-          time_units: str = "minutes") -> int:
+          time_units: str = "minutes", timeout: float = 10.0) -> int:
     """Probe the server at ``addr``, print the Nagios result and return the exit status."""
     if time_units not in UNITS:
         raise ValueError(f"time units must be one of {', '.join(UNITS)}")
     try:
-        status = fetch_status(addr)
+        status = fetch_status(addr, timeout)
     except (OSError, ValueError, struct.error) as e:
         print(f"Can't connect {e}")
         return CRITICAL
@@ -168,12 +142,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-s", "--status-path", help="status file, needed for rate metrics")
     parser.add_argument("-u", "--time-units", choices=list(UNITS), default="minutes",
                         help="time unit of rate metrics (default: minutes)")
+    parser.add_argument("-t", "--timeout", type=float, default=10.0,
+                        help="seconds to wait for the server's answer (default: 10)")
     args = parser.parse_args(argv)
     try:
         addr = parse_address(args.address)
     except ValueError:
         parser.error(f"bad address {args.address!r}")
-    sys.exit(check(addr, args.output_metrics, args.status_path, args.time_units))
+    sys.exit(check(addr, args.output_metrics, args.status_path, args.time_units,
+                   args.timeout))
 
 
 if __name__ == "__main__":

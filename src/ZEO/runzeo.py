@@ -406,6 +406,12 @@ class ZEOServer:
 
     def open(self) -> None:
         o = self.options
+        if o.metrics_address:  # before anything is opened: a one-line error, exit 2
+            try:
+                import prometheus_client  # noqa: F401
+            except ImportError:
+                raise StartupError("the <metrics> section needs prometheus_client: "
+                                   "pip install prometheus_client (or zeo-ng[metrics])")
         for addr in o.addresses:
             check_address(addr)
         write_pid = o.pid_filename and not o.read_only
@@ -462,6 +468,8 @@ class ZEOServer:
             )
         except OSError as e:
             raise StartupError(f"cannot listen: {_one_line(e)}")
+        except ValueError as e:
+            raise StartupError(f"configuration error: {_one_line(e)}")
 
     def start_message(self) -> str:
         o = self.options
@@ -559,6 +567,11 @@ def main(argv: list[str] | None = None) -> None:
     """Console script: ``runzeo [options]``; exits with the status documented above."""
     if argv is None:
         argv = sys.argv[1:]
+    from ._installed import warning
+
+    mixed = warning()
+    if mixed:
+        print(f"runzeo: {mixed}", file=sys.stderr)
     try:
         options = parse_options(argv)
         configure_logging(options)

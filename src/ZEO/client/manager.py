@@ -77,6 +77,7 @@ class ConnectionManager:
         #: The last failure per address (for error messages); cleared on success.
         self.last_errors: dict[Any, str] = {}
         self._logged: dict[Any, str] = {}
+        self._announced: set = set()  # addresses whose first attempt was logged
         self._thread = threading.Thread(
             target=self._run, name=f"{storage.__name__} zeo client networking thread",
             daemon=True)
@@ -149,10 +150,18 @@ class ConnectionManager:
         results: queue.Queue = queue.Queue()
         addresses = list(self.addresses)
 
+        # A server that says nothing is given no longer than the caller waits for one.
+        wait = getattr(self.storage, "_wait_timeout", None) or CONNECT_TIMEOUT
+        timeout = min(CONNECT_TIMEOUT, max(1.0, wait))
+        for addr in addresses:
+            if addr not in self._announced:
+                self._announced.add(addr)
+                logger.info("connecting to %r", addr)
+
         def attempt(addr: Any) -> None:
             try:
                 conn = Connection.open(
-                    addr, self.storage, timeout=CONNECT_TIMEOUT, name=self.storage.__name__,
+                    addr, self.storage, timeout=timeout, name=self.storage.__name__,
                     ssl_context=self.ssl, server_hostname=self.ssl_server_hostname)
             except BaseException as e:
                 results.put((addr, None, e))

@@ -74,7 +74,40 @@ def _bytes(value: Any) -> bytes:
     ZODB.interfaces.IStorage,
 )
 class ClientStorage(ConflictResolvingStorage):
-    """A storage whose data lives on a ZEO server (signature: zeo-facts §7.7)."""
+    """A ZODB storage whose data lives on a ZEO server; ZEO 5/6's constructor signature.
+
+    :param addr: ``(host, port)``, a port number (on 127.0.0.1), a Unix socket path, or a
+        list of those (servers holding the same data: the first that answers is used).
+    :param storage: the storage id on the server (``"1"``).
+    :param cache_size: bytes of the object cache (20 MB).
+    :param name: the storage's name (default: the address).
+    :param wait_timeout: seconds to wait for a server when the storage is used while
+        disconnected (30); also the longest a silent server is given to greet us.
+    :param read_only: open read-only.
+    :param read_only_fallback: open read-write, or read-only when only a read-only server
+        (or certificate) answers.
+    :param blob_dir: the local blob cache directory (or the directory shared with the
+        server, with ``shared_blob_dir``).
+    :param shared_blob_dir: ``blob_dir`` is the server's own blob directory.
+    :param blob_cache_size: target size in bytes of the blob cache (no limit by default).
+    :param blob_cache_size_check: how often the blob cache is cleaned, in percent of
+        ``blob_cache_size`` downloaded (10).
+    :param client_label: this client's name in the server's log lines and admin socket.
+    :param cache: a persistent cache file's path.
+    :param client: a persistent cache's name, with ``var`` its directory.
+    :param var: see ``client``.
+    :param ssl: an ``ssl.SSLContext`` to connect with TLS.
+    :param ssl_server_hostname: the host name to check the server's certificate against.
+    :param wait: wait for a connection in the constructor (true).
+    :param server_sync: make ``sync()`` a round trip to the server (false).
+    :param prefetch_references: *zeo-ng*: uncached objects a cold load's record refers to
+        that are fetched along with it (32; 0: off).
+    :param read_ahead: *zeo-ng*: the largest window of sequential read-ahead (64; 0: off).
+
+    ``disconnect_poll``, ``min_disconnect_poll``, ``max_disconnect_poll``,
+    ``drop_cache_rather_verify``, ``credentials``, ``username``, ``password`` and ``realm``
+    are accepted and ignored, as by ZEO 5/6.  :doc:`client` says more about each option.
+    """
 
     def __init__(
         self,

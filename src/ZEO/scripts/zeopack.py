@@ -92,19 +92,58 @@ def pack_one(addr: Any, name: str, t: float, timeout: float) -> str | None:
         cs = ClientStorage(addr, storage=name, read_only=True, wait=False)
     except Exception as e:
         return f"cannot open a client for {where}: {e}"
+    spinner = None
+    if sys.stderr.isatty():  # progress a user can see, on one line
+        from ZEO.cli import Spinner
+
+        spinner = Spinner(sys.stderr, f"connecting to {where}")
     try:
         deadline = time.monotonic() + timeout
         while not cs.is_connected():
             if time.monotonic() > deadline:
+                if spinner is not None:
+                    spinner.done("no answer")
                 return f"no server answered at {where} within {timeout:g}s"
-            time.sleep(0.05)
-        cs.pack(t, wait=True)
+            if spinner is not None:
+                spinner.tick()
+            time.sleep(0.1)
+        if spinner is not None:
+            spinner.done("connected")
+            spinner = Spinner(sys.stderr, f"packing {where}")
+        _with_spinner(spinner, lambda: cs.pack(t, wait=True))
     except Exception as e:
         return f"packing {where} failed: {type(e).__name__}: {e}"
     finally:
         cs.close()
     logger.info("packed %s", where)
     return None
+
+
+def _with_spinner(spinner: Any, work: Any) -> None:
+    """Run ``work()``; meanwhile tick ``spinner`` (if any) from a thread."""
+    if spinner is None:
+        work()
+        return
+    import threading
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.wait(0.2):
+            spinner.tick()
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        work()
+    except BaseException:
+        stop.set()
+        thread.join()
+        spinner.done("failed")
+        raise
+    stop.set()
+    thread.join()
+    spinner.done("done")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -85,7 +85,7 @@ class AdminServer:
 
     def disconnect(self, which: str) -> dict:
         matches = [s for s in list(self.server.sessions)
-                   if which in (str(self.client_id(s)), s.label, s.peer)]
+                   if which in (str(self.client_id(s)), s.client_label, s.label, s.peer)]
         if not matches:
             raise AdminError(f"no client {which!r}")
         for session in matches:

@@ -26,7 +26,7 @@ from ZODB.utils import oid_repr
 from ..protocol.codecs import check_record_memo
 from ..protocol.errors import RemoteProtocolError
 
-logger = logging.getLogger("ZEO.server")
+logger = logging.getLogger("ZEO.StorageServer")
 
 #: What the server may unpickle to resolve conflicts unless told more: the classes that
 #: resolve conflicts in ZODB itself and its usual companions.  ``module.*`` allows every

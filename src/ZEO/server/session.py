@@ -46,7 +46,7 @@ from .commit import (
 if TYPE_CHECKING:
     from .storage_server import StorageServer, StorageState
 
-logger = logging.getLogger("ZEO.server")
+logger = logging.getLogger("ZEO.StorageServer")
 
 BLOB_CHUNK_SIZE = 59000
 #: Largest frame before registration (the handshake, then a ``register`` call that names a
@@ -947,6 +947,7 @@ class Session(asyncio.Protocol):
     def statistics(self) -> dict:
         return {
             "label": self.label,
+            "client_label": self.client_label,
             "peer": self.peer,
             "storage": self.state.storage_id if self.state else None,
             "read_only": self.read_only,

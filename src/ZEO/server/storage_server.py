@@ -42,8 +42,10 @@ from .commit import (
 from .resolve import ClassAllowList, ConflictResolver
 from .session import OnewaysThenReply, PendingReply, Session
 
-logger = logging.getLogger("ZEO.server")
-timeout_logger = logging.getLogger("ZEO.StorageServer")
+# ZEO 6's logger names, which operators' log monitoring greps for.
+logger = logging.getLogger("ZEO.StorageServer")
+timeout_logger = logger
+listener_logger = logging.getLogger("ZEO.asyncio.server")
 
 
 class Serving:
@@ -682,7 +684,13 @@ def remove_stale_unix_socket(path: str, what: str = "address") -> None:
 class StorageServer:
     """Serve ``storages`` (``{storage_id: storage}``) at ``addr`` (one address or a list).
 
-    The constructor binds the listening sockets; :meth:`loop` serves until :meth:`close`.
+    The constructor binds the listening sockets; :meth:`loop` (or :meth:`start_thread`)
+    serves until :meth:`close`.  The keyword arguments are the ``<zeo>`` keys of
+    :doc:`configuration` with underscores (``transaction_timeout``, ``max_connections``,
+    ``max_buffered``, ``conflict_resolution_classes``...), with the same defaults;
+    :doc:`security` explains the limits.  ``ssl`` is a server ``ssl.SSLContext``,
+    ``authorization`` a ``ZEO.server.auth.Authorization``, ``admin_socket`` a path and
+    ``metrics_address`` a ``(host, port)``.
     """
 
     def __init__(
@@ -802,16 +810,37 @@ class StorageServer:
             bound: Any = a
         else:
             host, port = a
-            listener = loop.run_until_complete(
-                loop.create_server(factory, host or None, port, ssl=self.ssl,
-                                   reuse_address=True)
-            )
+            listener = self._tcp_listener(factory, host or None, port)
             name = listener.sockets[0].getsockname()
             bound = (host if host else name[0], name[1])
         self._listeners.append(listener)
         self.addresses.append(bound)
-        logger.info("listening on %s", bound if isinstance(bound, str)
-                    else f"{bound[0]}:{bound[1]}")
+        if isinstance(bound, str):
+            listener_logger.info("listening on %s", bound)
+        for sock in listener.sockets if not isinstance(bound, str) else ():
+            host, port = sock.getsockname()[:2]
+            listener_logger.info("listening on %s", f"[{host}]:{port}" if ":" in host
+                                 else f"{host}:{port}")
+
+    def _tcp_listener(self, factory: Callable[[], Session], host: str | None,
+                      port: int) -> asyncio.AbstractServer:
+        """Listen on ``host:port``; with no host (every interface, IPv4 and IPv6) and port 0,
+        on one port for both families: the kernel would pick a port for each."""
+        loop = self.event_loop
+        for _attempt in range(5):
+            listener = loop.run_until_complete(
+                loop.create_server(factory, host, port, ssl=self.ssl, reuse_address=True))
+            ports = [sock.getsockname()[1] for sock in listener.sockets]
+            if port or len(set(ports)) == 1:
+                return listener
+            listener.close()
+            try:
+                return loop.run_until_complete(
+                    loop.create_server(factory, host, ports[0], ssl=self.ssl,
+                                       reuse_address=True))
+            except OSError:  # the port was free in one family only: pick again
+                continue
+        raise OSError("could not find one free port for IPv4 and IPv6")
 
     def _start_operator_tools(self, admin_socket: str | None, metrics_address: Any) -> None:
         """Open the admin socket and the metrics endpoint when configured."""
