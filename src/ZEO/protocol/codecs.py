@@ -224,14 +224,15 @@ def check_no_memo(payload: bytes) -> bool:
     return _walk_pickle(payload, None, True) >= 0
 
 
-def check_record_memo(record: bytes) -> None:
+def check_record_memo(record: bytes, class_only: bool = False) -> None:
     """Raise ``RemoteProtocolError`` if a ZODB record's memo indices could not be genuine.
 
     Records use the memo; a pickler numbers its entries from 0, one per memo opcode, so an
     index is never as large as the record.  Checked before the server unpickles a record
-    (conflict resolution), for the same reason as :func:`check_no_memo`.
+    (conflict resolution), for the same reason as :func:`check_no_memo`.  With
+    ``class_only``, only the record's first pickle (its class) is walked.
     """
-    _walk_pickle(record, len(record), False)
+    _walk_pickle(record, len(record), class_only)
 
 
 class ForbiddenGlobal(RemoteProtocolError):

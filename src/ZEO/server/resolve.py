@@ -113,9 +113,12 @@ class ConflictResolver:
             logger.exception("conflict resolution failed on oid %s", oid_repr(oid))
         raise ConflictError(oid=oid, serials=(committedSerial, oldSerial), data=newpickle)
 
-    def _unpickler(self, record: bytes, refs: PersistentReferenceFactory) -> Any:
+    def _unpickler(self, record: bytes, refs: PersistentReferenceFactory,
+                   class_only: bool = False) -> Any:
         # A forged memo index would make the unpickler allocate gigabytes: walked first.
-        check_record_memo(record)
+        # The walk is Python, one step an opcode: a large record costs milliseconds, so a
+        # record whose class cannot resolve is not walked past its class.
+        check_record_memo(record, class_only)
         return PersistentUnpickler(self.allowed.find_global, refs.persistent_load,
                                    io.BytesIO(record))
 
@@ -125,7 +128,8 @@ class ConflictResolver:
         untransform = getattr(storage, "_crs_untransform_record_data", None) or _same
         transform = getattr(storage, "_crs_transform_record_data", None) or _same
         refs = PersistentReferenceFactory()
-        unpickler = self._unpickler(untransform(new_record), refs)
+        new_record = untransform(new_record)
+        unpickler = self._unpickler(new_record, refs, class_only=True)
         meta = unpickler.load()
         if isinstance(meta, tuple):
             klass, args = meta[0], meta[1] or ()
@@ -137,6 +141,7 @@ class ConflictResolver:
             raise Unresolvable(f"class {klass!r:.100} is not allowed (conflict-resolution-class)")
         if not hasattr(klass, "_p_resolveConflict"):
             raise Unresolvable(f"{klass.__module__}.{klass.__qualname__} does not resolve")
+        check_record_memo(new_record)  # the state too, now that it will be unpickled
         instance = klass.__new__(klass, *args)
         new_state = unpickler.load()
         old_data = storage.loadSerial(oid, old_serial)
