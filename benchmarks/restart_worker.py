@@ -65,7 +65,7 @@ def main(addr: str, wid: int, workers: int, stop_file: str, out_path: str,
 
     in_a_row = 0
     while not os.path.exists(stop_file):
-        t0 = time.time()
+        t0 = t_read = time.time()
         try:
             tm.begin()
             root = conn.root()
@@ -73,7 +73,9 @@ def main(addr: str, wid: int, workers: int, stop_file: str, out_path: str,
             mine = root[f"c{wid}"]
             n = mine["n"] + 1
             mine["n"] = n
-            root["shared"].append((wid, n))
+            shared = root["shared"]
+            shared.append((wid, n))
+            t_read = time.time()
             if n % 5 == 0:
                 with root[f"b{wid}"].open("w") as f:
                     f.write(os.urandom(4096))
@@ -83,7 +85,8 @@ def main(addr: str, wid: int, workers: int, stop_file: str, out_path: str,
             in_a_row += 1
             serials = [s.hex() for s in (getattr(e, "serials", None) or ()) if s]
             oid = getattr(e, "oid", None)
-            event("conflict", oid=oid.hex() if oid else None, serials=serials, t0=t0)
+            event("conflict", oid=oid.hex() if oid else None, serials=serials, t0=t0,
+                  t_read=t_read)
             time.sleep(rng.random() * 0.004 * min(in_a_row, 10))
         except (ClientDisconnected, transaction.interfaces.TransientError) as e:
             tm.abort()
@@ -97,7 +100,8 @@ def main(addr: str, wid: int, workers: int, stop_file: str, out_path: str,
             event("error", error=f"{type(e).__name__}: {e}"[:300])
             time.sleep(0.1)
         else:
-            event("commit", n=n, t0=t0, seen=seen, conflicts=in_a_row)
+            event("commit", n=n, t0=t0, seen=seen, conflicts=in_a_row,
+                  tid=shared._p_serial.hex(), t_read=t_read)
             in_a_row = 0
     conn.close()
     db.close()

@@ -31,7 +31,7 @@ logger = logging.getLogger("ZEO.ClientStorage")
 
 HEARTBEAT_INTERVAL = 60.0
 FIRST_RETRY = 0.05
-MAX_RETRY = 2.0
+MAX_RETRY = 1.0
 CONNECT_TIMEOUT = 10.0
 UPGRADE_FIRST = 0.5  # read-only fallback: first look for a writable server
 UPGRADE_MAX = 10.0
