@@ -170,11 +170,6 @@ class RaceWithReconnects(racetest.RaceTests, unittest.TestCase):
         super().test_race_load_vs_external_invalidate()
         assert self.cuts > 0
 
-    @pytest.mark.xfail(strict=False, reason=(
-        "intermittent (about 1 run in 20 under load before leader reads, none in 95 since): a "
-        "worker finds its ZODB root UPTODATE with an empty __dict__ (KeyError '_container'), "
-        "which points at the cyclic GC clearing a live persistent object; see README.rst, "
-        "'Known failure'"))
     def test_race_external_invalidate_vs_disconnect(self):
         # racetest marks it long (level 2); ours runs it, with the proxy cutting as well.
         self._check_race_external_invalidate_vs_disconnect(racetest.T2ObjectsInc2Phase())

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 from ZODB.utils import p64
 
+from ._usage import UsageError
 from .wire import Closed, RemoteError, WireClient, format_address, parse_address, ruok
 
 EXIT_OK = 0
@@ -36,10 +37,6 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 MAXTID = b"\x7f\xff\xff\xff\xff\xff\xff\xff"
-
-
-class UsageError(Exception):
-    """Bad command line: printed on stderr, exit status 2."""
 
 
 # --- argument types ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import ZConfig
 
 from . import zconfig
+from ._usage import UsageError
 
 logger = logging.getLogger("ZEO.runzeo")
 
@@ -31,10 +32,6 @@ EXIT_RESTART = 1
 EXIT_USAGE = 2
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
-
-
-class UsageError(Exception):
-    """Bad options or configuration: runzeo prints the message and exits with status 2."""
 
 
 class StartupError(UsageError):

@@ -16,11 +16,9 @@ import sys
 import time
 from typing import Any
 
+from .._usage import UsageError
+
 logger = logging.getLogger("ZEO.scripts.zeopack")
-
-
-class UsageError(Exception):
-    pass
 
 
 def parse_server(text: str) -> tuple[Any, str]:
