@@ -447,6 +447,10 @@ def test_idle_connections_do_not_lock_clients_out(tmp_path):
         normal_client_works(server, within=10)
         assert server.proc.poll() is None
         assert "max-connections" in server.log()
+        # 256 descriptors: 64 kept, a quarter for iterators, the rest for connections.
+        with registered(server) as c:
+            assert c.call("ping") is None
+        assert "at max-connections (128)" in server.log()
     finally:
         for s in idle:
             s.close()

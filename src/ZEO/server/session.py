@@ -458,11 +458,12 @@ class Session(asyncio.Protocol):
             pass
         elif asyncio.isfuture(result):
             self.call_started()
-            result.add_done_callback(self._future_done)
             if flags:
                 result.add_done_callback(lambda fut: self._deferred_oneway(name, fut))
             else:
                 result.add_done_callback(lambda fut: self._deferred_reply(msgid, name, fut))
+            # After the reply callback: the calls held back are handled once it is written.
+            result.add_done_callback(self._future_done)
         elif not flags:
             self._reply(msgid, result)
 

@@ -606,14 +606,12 @@ _malloc_trim = _find_malloc_trim()
 FD_RESERVE = 64
 
 
-def connection_limit(configured: int | None, open_iterators: int) -> int:
-    """``max-connections``: as configured, but never more than the file descriptors left
-    after the reserve and the iterators (``RLIMIT_NOFILE``, whose soft limit is raised to
-    the hard one first), so the server can always accept and refuse cleanly."""
+def file_limit() -> int:
+    """The soft ``RLIMIT_NOFILE``, raised to the hard limit first when allowed."""
     try:
         import resource
     except ImportError:  # not POSIX
-        return configured or 10000
+        return 1 << 16
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
@@ -621,14 +619,19 @@ def connection_limit(configured: int | None, open_iterators: int) -> int:
             soft = hard
         except (ValueError, OSError):
             pass
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    room = max(soft - FD_RESERVE - open_iterators, 1)
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_limit(configured: int | None, files: int, open_iterators: int) -> int:
+    """``max-connections``: as configured (10000 by default), but never more than the
+    ``files`` descriptors left after the reserve and the iterators, so the server can always
+    accept and refuse cleanly."""
+    room = max(files - FD_RESERVE - open_iterators, 1)
     if configured is None:
         return min(room, 10000)
     if configured > room:
         logger.warning("max-connections %d is above what %d file descriptors allow: "
-                       "using %d", configured, soft, room)
+                       "using %d", configured, files, room)
     return min(configured, room)
 
 
@@ -742,8 +745,11 @@ class StorageServer:
         self.transaction_memory = transaction_memory  # per transaction, before spilling
         self.inline_vote_bytes = inline_vote_bytes  # smaller votes run on the loop thread
         self.spool_dir = spool_dir
-        self.max_open_iterators = max_open_iterators  # server-wide: each may hold a file
-        self.max_connections = connection_limit(max_connections, max_open_iterators)
+        files = file_limit()
+        # Server-wide, each may hold a file: at most a quarter of the descriptors.
+        self.max_open_iterators = max(1, min(max_open_iterators, files // 4))
+        self.max_connections = connection_limit(max_connections, files,
+                                                self.max_open_iterators)
         self.max_calls_in_flight = max_calls_in_flight  # per connection, then it is not read
         self.max_iterators = max_iterators  # open storage iterators per connection
         self.max_buffered = max_buffered  # partial frames + unsent output of slow readers
