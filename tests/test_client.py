@@ -20,6 +20,7 @@ from ZODB.utils import p64, z64
 
 import ZEO
 from support.servers import filestorage_conf, free_port, start_server
+from support.waiting import wait_until
 from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 from ZEO.interfaces import StaleCache
@@ -28,14 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 
 KINDS = ["ref", "ours"]
 CODECS = {"pickle": "", "msgpack": "msgpack true"}
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture

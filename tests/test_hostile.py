@@ -107,17 +107,6 @@ def assert_refused(c: RawClient, msgid=None) -> None:
         assert reply[0] == msgid
 
 
-def wait_for_log(srv, text: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        log = srv.log()
-        if text in log:
-            return log
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in server log:\n{log[-3000:]}")
-        time.sleep(0.05)
-
-
 def log_mark(srv) -> int:
     return len(srv.log())
 

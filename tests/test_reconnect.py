@@ -15,20 +15,12 @@ import ZODB.event
 import ZEO
 from support.proxy import FaultProxy
 from support.servers import filestorage_conf, start_server
+from support.waiting import wait_until
 from ZEO.client.storage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
 from ZEO.interfaces import StaleCache
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def wait_until(cond, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture

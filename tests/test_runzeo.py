@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from support.servers import ServerProcess, free_port, wait_for_address
+from support.waiting import wait_for_log
 from support.wire import RemoteError, WireClient
 from ZEO.wire import ruok
 
@@ -52,14 +53,6 @@ def wait_exit(server: ServerProcess, timeout: float = 30) -> int:
 def run_runzeo(*args: str, timeout: float = 60, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([*RUNZEO, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=cwd)
-
-
-def wait_for_log(path: Path, text: str, timeout: float = 30) -> None:
-    """Wait until the log file at ``path`` contains ``text``."""
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and text in path.read_text()):
-        assert time.monotonic() < deadline, f"{text!r} not logged in {path}"
-        time.sleep(0.05)
 
 
 def dead_pid() -> int:

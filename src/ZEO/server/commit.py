@@ -62,7 +62,30 @@ class TxnPhase(enum.Enum):
     VOTING = "voting"  # vote replay running on the commit worker (lock held)
     VOTED = "voted"  # vote succeeded; lock held until finish or abort
     FINISHING = "finishing"  # tpc_finish running on the commit worker
+    ABORTING = "aborting"  # tpc_abort of a voted transaction running on the commit worker
     ENDED = "ended"
+
+
+#: Every phase a transaction may move to from each phase; :meth:`ServerTransaction.move_to`
+#: refuses anything else.  A vote that returns conflicts for the client to resolve reopens
+#: the transaction (VOTING -> OPEN); an abort while the vote runs is carried out when it
+#: returns.
+TRANSITIONS: dict[TxnPhase, frozenset[TxnPhase]] = {
+    TxnPhase.OPEN: frozenset({TxnPhase.WAITING, TxnPhase.ENDED}),
+    TxnPhase.WAITING: frozenset({TxnPhase.VOTING, TxnPhase.ENDED}),
+    TxnPhase.VOTING: frozenset({TxnPhase.OPEN, TxnPhase.VOTED, TxnPhase.ENDED}),
+    TxnPhase.VOTED: frozenset({TxnPhase.FINISHING, TxnPhase.ABORTING}),
+    TxnPhase.FINISHING: frozenset({TxnPhase.ENDED}),
+    TxnPhase.ABORTING: frozenset({TxnPhase.ENDED}),
+    TxnPhase.ENDED: frozenset(),
+}
+#: The phases in which the transaction holds its storage's commit lock.
+LOCKED_PHASES = frozenset({TxnPhase.VOTING, TxnPhase.VOTED, TxnPhase.FINISHING,
+                           TxnPhase.ABORTING})
+
+
+class IllegalTransition(RuntimeError):
+    """A transaction was asked to move between phases that TRANSITIONS does not link."""
 
 
 class ServerTransaction:
@@ -105,7 +128,14 @@ class ServerTransaction:
 
     @property
     def holds_lock(self) -> bool:
-        return self.phase in (TxnPhase.VOTING, TxnPhase.VOTED, TxnPhase.FINISHING)
+        return self.phase in LOCKED_PHASES
+
+    def move_to(self, phase: TxnPhase) -> None:
+        """Enter ``phase``; raise :class:`IllegalTransition` unless TRANSITIONS allows it."""
+        if phase not in TRANSITIONS[self.phase]:
+            raise IllegalTransition(f"transaction {self.txn_id!r}: {self.phase.value} -> "
+                                    f"{phase.value}")
+        self.phase = phase
 
     def add(self, record: tuple, size: int, memory: int, spool_dir: str | None) -> None:
         """Buffer ``record`` (``size`` bytes, overhead included); once the transaction holds

@@ -943,7 +943,7 @@ class Session(asyncio.Protocol):
         """Called by the storage state once ``txn`` committed or aborted."""
         if self.txn is txn:
             self.txn = None
-        txn.phase = TxnPhase.ENDED
+        txn.move_to(TxnPhase.ENDED)
 
     def statistics(self) -> dict:
         return {

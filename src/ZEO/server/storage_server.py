@@ -287,7 +287,7 @@ class StorageState:
 
     def vote(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
         """Queue ``txn`` for the commit lock; its vote runs when the lock is granted."""
-        txn.phase = TxnPhase.WAITING
+        txn.move_to(TxnPhase.WAITING)
         txn.vote_started_at = time.monotonic()
         if not self.lock.acquire(txn, lambda t: self._run_vote(session, t, reply)):
             waiting = self.lock.waiting
@@ -301,7 +301,7 @@ class StorageState:
         if txn.aborted or txn.phase is not TxnPhase.WAITING:
             self._release(txn)
             return
-        txn.phase = TxnPhase.VOTING
+        txn.move_to(TxnPhase.VOTING)
         txn.locked_at = time.time()
         self.lock_granted_at = time.monotonic()
         self.lock_wait_seconds += self.lock_granted_at - txn.vote_started_at
@@ -334,17 +334,17 @@ class StorageState:
             # The storage transaction was aborted; the client resolves and votes again.
             self.stats_conflicts += len(value)
             self._release(txn)
-            txn.phase = TxnPhase.OPEN
+            txn.move_to(TxnPhase.OPEN)
             if txn.aborted:
                 self._end(session, txn, aborted=True)
             reply.resolve(value)
             return
         if txn.aborted:  # the client went away while we voted
-            txn.phase = TxnPhase.VOTED  # the storage voted: abort() tells it, on the worker
+            txn.move_to(TxnPhase.VOTED)  # the storage voted: abort() tells it, on the worker
             self.abort(session, txn, None)
             reply.resolve(None)
             return
-        txn.phase = TxnPhase.VOTED
+        txn.move_to(TxnPhase.VOTED)
         reply.resolve(value)
 
     def load_behind_finish(self, oid: bytes, tid: bytes, reply: PendingReply) -> None:
@@ -465,7 +465,7 @@ class StorageState:
 
     def finish(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
         """Finish ``txn`` on the commit worker (tpc_finish fsyncs), then publish it."""
-        txn.phase = TxnPhase.FINISHING
+        txn.move_to(TxnPhase.FINISHING)
         self.finishing = True
         storage = self.storage
 
@@ -514,7 +514,7 @@ class StorageState:
         phase = txn.phase
         txn.aborted = True
         if phase is TxnPhase.VOTED:
-            txn.phase = TxnPhase.FINISHING  # no second abort or finish
+            txn.move_to(TxnPhase.ABORTING)  # no second abort or finish
 
             def aborted(ok: bool, result: Any) -> None:
                 self._end(session, txn, aborted=True)
@@ -532,7 +532,7 @@ class StorageState:
         if phase in (TxnPhase.OPEN, TxnPhase.WAITING):
             self._end(session, txn, aborted=True)
         # VOTING: _voted sees ``aborted`` and aborts when the replay returns.
-        # FINISHING: the commit is completing; it cannot be taken back.
+        # FINISHING: the commit is completing; it cannot be taken back.  ABORTING: under way.
         if reply is not None:
             reply.resolve(None)
 
