@@ -113,14 +113,14 @@ def test_a_load_during_tpc_finish_waits_behind_it_not_on_the_loop(make_server, t
     server = make_server(storages={"1": SlowFinish(str(tmp_path / "Data.fs"))})
     a, b, c = connect(server), connect(server), connect(server)
     arrivals = []  # b's incoming messages, in order
-    receive = b.conn.receive_data
+    receive = b.core.receive_data
 
     def recording(data):
         for msg in receive(data):
             arrivals.append(msg[2])
             yield msg
 
-    b.conn.receive_data = recording
+    b.core.receive_data = recording
     oid = a.call("new_oids", 1)[0]
     tid1 = commit(a, oid, z64, b"v1", txn_id=1)
     assert b.read_message()[3] == (tid1, [oid])

@@ -127,7 +127,7 @@ class WireClient:
         self.addr = addr
         self.timeout = timeout
         self.sock = connect(addr, timeout, ssl, server_hostname)
-        self.conn = ClientConnection()
+        self.core = ClientConnection()
         self.oneways: list[tuple] = []
         self._replies: dict[Any, tuple[Any, Any]] = {}
         self._next_msgid = 1
@@ -135,9 +135,9 @@ class WireClient:
             (n,) = struct.unpack(">I", _recv_exactly(self.sock, 4))
             self.greeting = _recv_exactly(self.sock, n)
             chosen = (protocol or self.greeting)[:1] + self.greeting[1:]
-            (event,) = self.conn.receive_data(encode_frame(chosen))
+            (event,) = self.core.receive_data(encode_frame(chosen))
             assert isinstance(event, Greeting)
-            self.sock.sendall(self.conn.handshake_reply)  # type: ignore[arg-type]
+            self.sock.sendall(self.core.handshake_reply)  # type: ignore[arg-type]
         except BaseException:
             self.sock.close()
             raise
@@ -145,10 +145,10 @@ class WireClient:
     @property
     def protocol(self) -> bytes | None:
         """The protocol spoken, e.g. ``b"Z5"``."""
-        return self.conn.protocol
+        return self.core.protocol
 
     def send_message(self, msg: tuple) -> None:
-        self.sock.sendall(encode_frame(self.conn.codec.encode(msg)))  # type: ignore[union-attr]
+        self.sock.sendall(encode_frame(self.core.codec.encode(msg)))  # type: ignore[union-attr]
 
     def send_call(self, name: str, *args: Any) -> int:
         msgid = self._next_msgid
@@ -170,7 +170,7 @@ class WireClient:
             raise Closed()
         if not data:
             raise Closed()
-        for msg in self.conn.receive_data(data):
+        for msg in self.core.receive_data(data):
             if msg[2] == ".reply":
                 self._replies[msg[0]] = (msg[1], msg[3])
             else:

@@ -207,13 +207,13 @@ class Handler(Protocol):
 class Connection:
     """A handshaken connection to a ZEO server.  Build it with :meth:`open`."""
 
-    def __init__(self, transport: Transport, protocol: ClientConnection, peer: Any,
+    def __init__(self, transport: Transport, core: ClientConnection, peer: Any,
                  handler: Handler, name: str = "") -> None:
         self.transport = transport
-        self.protocol = protocol
+        self.core = core  # the sans-I/O state machine (ZEO.protocol)
         self.peer = peer
         self.handler = handler
-        self.protocol_version: bytes = protocol.protocol or b""
+        self.protocol_version: bytes = core.protocol or b""
         self._send_lock = threading.Lock()
         # One-way frames held back (under _send_lock) to leave with the next send.
         self._held: list[bytes] = []
@@ -251,8 +251,8 @@ class Connection:
         """Connect and do the handshake; the reader thread is running on return."""
         transport, peer = open_transport(addr, timeout, ssl_context, server_hostname)
         try:
-            protocol = (ClientConnection(max_message_size) if max_message_size
-                        else ClientConnection())
+            core = (ClientConnection(max_message_size) if max_message_size
+                    else ClientConnection())
             backlog: list = []
             greeted = False
             if isinstance(transport, SocketTransport):
@@ -270,22 +270,22 @@ class Connection:
                     raise
                 if not data:
                     raise ConnectionError(f"{addr!r} closed the connection before the greeting")
-                for event in protocol.receive_data(data):
+                for event in core.receive_data(data):
                     if isinstance(event, Greeting):
                         greeted = True
                     else:
                         backlog.append(event)
             if isinstance(transport, SocketTransport):
                 transport.sock.settimeout(None)
-            assert protocol.handshake_reply is not None
-            transport.sendall(protocol.handshake_reply)
+            assert core.handshake_reply is not None
+            transport.sendall(core.handshake_reply)
         except ProtocolViolation as e:
             transport.close()
             raise ProtocolError(str(e)) from e
         except BaseException:
             transport.close()
             raise
-        conn = cls(transport, protocol, peer, handler, name)
+        conn = cls(transport, core, peer, handler, name)
         conn._backlog = backlog
         conn._reader.start()
         return conn
@@ -313,7 +313,7 @@ class Connection:
                 call = Call(msgid, name, on_reply, after_reply, None, self._lead_fn)
                 self._pending[msgid] = call
             try:
-                self._send_locked(self.protocol.send_call(msgid, name, args))
+                self._send_locked(self.core.send_call(msgid, name, args))
             except OSError as e:
                 with self._pending_lock:
                     self._pending.pop(msgid, None)
@@ -349,7 +349,7 @@ class Connection:
                         continue
                     self._pending[msgid] = Call(msgid, name, on_reply, None, on_error,
                                                 self._lead_fn)
-                    frames.append(self.protocol.send_call(msgid, name, args))
+                    frames.append(self.core.send_call(msgid, name, args))
             if not frames:
                 return
             try:
@@ -392,7 +392,7 @@ class Connection:
         same write as the next send on this connection, in order: a transaction's
         ``tpc_begin`` and stores then travel with its ``vote``, one syscall instead of many.
         """
-        frame = self.protocol.send_call(0, name, args, oneway=True)
+        frame = self.core.send_call(0, name, args, oneway=True)
         with self._send_lock:
             if self.closed:
                 raise ClientDisconnected(f"connection to {self.peer!r} is closed")
@@ -408,7 +408,7 @@ class Connection:
                 raise ClientDisconnected(f"{name}: {e}") from e
 
     def heartbeat(self) -> None:
-        frame = self.protocol.send_heartbeat()
+        frame = self.core.send_heartbeat()
         with self._send_lock:
             if self.closed:
                 return
@@ -480,7 +480,7 @@ class Connection:
             self._dispatch(msg)
         self._backlog = []
         recv = self.transport.recv
-        receive = self.protocol.receive_data
+        receive = self.core.receive_data
         while not self.closed:
             data = recv(RECV_SIZE)
             if not data:
@@ -513,7 +513,7 @@ class Connection:
             for msg in self._backlog:
                 self._dispatch(msg)
             self._backlog = []
-        receive = self.protocol.receive_data
+        receive = self.core.receive_data
         while not self.closed:
             if not epoll.poll(self.IDLE_POLL):
                 continue  # (a close that raced a leader's re-arm is noticed here)
@@ -562,7 +562,7 @@ class Connection:
 
     def _lead_until(self, call: Call, deadline: float | None) -> None:
         sock = self._sock
-        receive = self.protocol.receive_data
+        receive = self.core.receive_data
         try:
             while not call._done:
                 if deadline is not None:

@@ -137,7 +137,7 @@ class PendingReply:
         if session.closed or self.oneway:
             return
         if type(value) is OnewaysThenReply:
-            conn = session.conn
+            conn = session.core
             session.write_all([conn.send_oneway(n, a) for n, a in value.oneways]
                               + [conn.send_reply(self.msgid, value.value)])
         else:
@@ -159,7 +159,7 @@ class Session(asyncio.Protocol):
         self.server = server
         self.loop = server.event_loop
         self.transport: asyncio.Transport | None = None
-        self.conn = ServerConnection(server.announce, server.max_message_size)
+        self.core = ServerConnection(server.announce, server.max_message_size)
         self.peer = "?"
         self.label = "?"
         self.client_label: str | None = None  # as the client set it (set_client_label)
@@ -213,11 +213,11 @@ class Session(asyncio.Protocol):
             self.close()
             return
         transport.set_write_buffer_limits(high=1 << 20)  # type: ignore[attr-defined]
-        self.conn.set_receive_limit(REGISTER_MAX_MESSAGE)
+        self.core.set_receive_limit(REGISTER_MAX_MESSAGE)
         if server.register_timeout:
             self._register_timer = self.loop.call_later(server.register_timeout,
                                                         self._not_registered)
-        transport.write(self.conn.greeting())  # type: ignore[attr-defined]
+        transport.write(self.core.greeting())  # type: ignore[attr-defined]
 
     def _not_registered(self) -> None:
         if self.state is None and not self.closed:
@@ -228,7 +228,7 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         try:
-            events = self.conn.receive_data(data)
+            events = self.core.receive_data(data)
         except RemoteProtocolError as e:
             self._protocol_error(e)
             return
@@ -251,7 +251,7 @@ class Session(asyncio.Protocol):
                 elif isinstance(event, Handshake):
                     logger.debug("(%s) handshake %r", self.label, event.protocol)
                 elif isinstance(event, RuokRequest):
-                    batch.append(self.conn.send_status(self.server.ruok()))
+                    batch.append(self.core.send_status(self.server.ruok()))
                     self._flush(batch)
                     self.close()
                     return
@@ -276,13 +276,13 @@ class Session(asyncio.Protocol):
     def _undecodable(self, event: UndecodableCall) -> None:
         logger.warning("(%s) undecodable call %s: %s", self.label, peer_repr(event.msgid),
                        event.error)
-        self.write(self.conn.send_error(event.msgid,
+        self.write(self.core.send_error(event.msgid,
                                         ValueError(f"undecodable request: {event.error}")))
 
     def _account_buffered(self) -> None:
         """Keep the server's count of partial-frame bytes; over its budget, close the
         connection that holds a large share."""
-        now = self.conn.buffered
+        now = self.core.buffered
         delta = now - self._buffered
         if delta:
             self._buffered = now
@@ -421,7 +421,7 @@ class Session(asyncio.Protocol):
         self._iterator_last.clear()
         self._held_events = None
         self._methods = {}  # bound methods: a cycle that would keep this session for the GC
-        self.conn.discard_buffered()
+        self.core.discard_buffered()
         self.server.slow_readers.pop(self, None)
         self.server.buffered_input -= self._buffered
         self._buffered = 0
@@ -472,10 +472,10 @@ class Session(asyncio.Protocol):
 
     def _reply(self, msgid: Any, result: Any) -> None:
         try:
-            self.write(self.conn.send_reply(msgid, result))
+            self.write(self.core.send_reply(msgid, result))
         except LocalProtocolError as e:
             logger.error("(%s) reply too large: %s", self.label, e)
-            self.write(self.conn.send_error(msgid, ValueError(str(e))))
+            self.write(self.core.send_error(msgid, ValueError(str(e))))
 
     def _call_failed(self, msgid: Any, oneway: Any, name: str, exc: BaseException) -> None:
         """A call raised ``exc``: a one-way call closes the connection (its client would
@@ -486,9 +486,9 @@ class Session(asyncio.Protocol):
             self.close()
             return
         self._log_failure(name, exc)
-        frame = self.conn.send_error(msgid, exc)
+        frame = self.core.send_error(msgid, exc)
         if len(frame) > MAX_ERROR_REPLY:  # its text holds what the peer sent: cut it
-            frame = self.conn.send_error(msgid, ValueError(peer_repr(exc)))
+            frame = self.core.send_error(msgid, ValueError(peer_repr(exc)))
         self.write(frame)
 
     def _deferred_oneway(self, name: str, fut: asyncio.Future) -> None:
@@ -521,7 +521,7 @@ class Session(asyncio.Protocol):
 
     def send_oneway(self, name: str, args: tuple) -> None:
         if not self.closed:
-            self.write(self.conn.send_oneway(name, args))
+            self.write(self.core.send_oneway(name, args))
 
     # -- registration ----------------------------------------------------------------
 
@@ -545,7 +545,7 @@ class Session(asyncio.Protocol):
             raise ReadOnlyError()
         self.state = state
         self.storage = state.storage
-        self.conn.set_receive_limit(self.server.max_message_size)
+        self.core.set_receive_limit(self.server.max_message_size)
         self.read_only = read_only or self.server.read_only or bool(state.storage.isReadOnly())
         self._methods = {name: getattr(self, name) for name in REGISTERED_METHODS}
         state.sessions[self] = None
@@ -952,7 +952,7 @@ class Session(asyncio.Protocol):
             "peer": self.peer,
             "storage": self.state.storage_id if self.state else None,
             "read_only": self.read_only,
-            "protocol": self.conn.protocol.decode() if self.conn.protocol else None,
+            "protocol": self.core.protocol.decode() if self.core.protocol else None,
             "connected_at": self.connected_at,
             "calls": self.calls,
             "in_transaction": self.txn is not None,

@@ -267,11 +267,11 @@ class StorageState:
         for session in self.sessions:
             if session is committer or session.closed:
                 continue
-            codec = session.conn.codec
+            codec = session.core.codec
             letter = codec.letter  # type: ignore[union-attr]
             frame = frames.get(letter)
             if frame is None:
-                frame = frames[letter] = session.conn.send_oneway("invalidateTransaction", args)
+                frame = frames[letter] = session.core.send_oneway("invalidateTransaction", args)
             session.write(frame)
 
     def send_info(self, sessions: Any) -> None:
