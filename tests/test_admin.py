@@ -16,7 +16,7 @@ from ZODB.utils import z64
 
 from ZEO.server import StorageServer
 from ZEO.server.admin import AdminError, admin_request
-from ZEO.wire import Closed, WireClient
+from ZEO.wire import ConnectionClosed, WireClient
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,13 +85,13 @@ def test_disconnect_by_label_id_and_unknown(server):
         victim = next(c for c in clients if c["label"].startswith("victim "))
         result = admin_request(server.admin.path, "disconnect", victim["label"])
         assert result == {"disconnected": [victim["id"]]}
-        with pytest.raises(Closed):
+        with pytest.raises(ConnectionClosed):
             a.call("ping")
         assert b.call("ping") is None  # the other client is untouched
         other = next(c for c in clients if c is not victim)
         assert admin_request(server.admin.path, "disconnect", str(other["id"])) == {
             "disconnected": [other["id"]]}
-        with pytest.raises(Closed):
+        with pytest.raises(ConnectionClosed):
             b.call("ping")
         with pytest.raises(AdminError, match="no client 'nobody'"):
             admin_request(server.admin.path, "disconnect", "nobody")
@@ -106,7 +106,7 @@ def test_disconnect_by_the_client_label_alone(server):
         assert len(mine) == 2
         assert admin_request(server.admin.path, "disconnect", "myapp") == {"disconnected": mine}
         for gone in (a, b):
-            with pytest.raises(Closed):
+            with pytest.raises(ConnectionClosed):
                 gone.call("ping")
         assert c.call("ping") is None
 

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from support.rawclient import Closed, RawClient
+from support.rawclient import ConnectionClosed, RawClient
 from support.servers import filestorage_conf, start_server
 from ZEO.protocol import MsgpackCodec, PickleCodec, encode_frame
 
@@ -174,7 +174,7 @@ def test_fuzz_live_server(tmp_path):
                 if missing and missing > 2**20:  # the server waits for a frame: leave it
                     try:
                         c.send_raw(stream)
-                    except (Closed, ConnectionError):
+                    except (ConnectionClosed, ConnectionError):
                         pass
                     pending += 1
                     sent += len(frames)
@@ -190,7 +190,7 @@ def test_fuzz_live_server(tmp_path):
                         msg = c.recv_message()
                         if msg[0] == 99999 and msg[2] == ".reply":
                             break
-                except (Closed, ConnectionError):
+                except (ConnectionClosed, ConnectionError):
                     closed_by_server += 1
                 except Exception as e:  # our own decoder choking on a reply is a failure
                     raise AssertionError(f"unexpected {e!r} after frames {frames!r:.2000}")

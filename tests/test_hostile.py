@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from support.rawclient import Closed, RawClient, RemoteError
+from support.rawclient import ConnectionClosed, RawClient, RemoteError
 from support.servers import ServerProcess, filestorage_conf, start_server, write_config
 from ZEO.protocol import MsgpackCodec, PickleCodec, encode_frame
 
@@ -99,7 +99,7 @@ def assert_refused(c: RawClient, msgid=None) -> None:
     flags survived) an error reply to it."""
     try:
         reply = c.recv_message()
-    except (Closed, OSError):
+    except (ConnectionClosed, OSError):
         return
     assert reply[1] == 2 and reply[2] == ".reply", reply
     assert reply[3][0] == "builtins.ValueError" and "undecodable" in reply[3][1][0], reply
@@ -448,7 +448,7 @@ def test_many_frames_in_one_segment_then_garbage(ours, good):
                       + encode_frame(b"garbage"))
         assert evil.recv_message()[:3] == (1, 0, ".reply")
         assert evil.recv_message() == (2, 0, ".reply", None)
-        with pytest.raises(Closed):
+        with pytest.raises(ConnectionClosed):
             while True:
                 evil.recv_frame()
     assert_still_serving(ours, good)

@@ -20,7 +20,7 @@ from ZODB.utils import p64, z64
 
 from support.wire import RemoteError, WireClient
 from ZEO.server import StorageServer
-from ZEO.wire import Closed
+from ZEO.wire import ConnectionClosed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -283,7 +283,7 @@ def test_msgpack_server_refuses_pickle_clients(make_server):
     server = make_server(msgpack=True)
     m = connect(server)
     assert m.greeting == b"M5"
-    with pytest.raises((OSError, Closed)):
+    with pytest.raises((OSError, ConnectionClosed)):
         connect(server, protocol=b"Z5")
     assert m.call("lastTransaction") == z64
 

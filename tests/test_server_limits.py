@@ -8,7 +8,7 @@ import stat
 import pytest
 from ZODB.utils import p64, z64
 
-from support.wire import Closed, WireClient
+from support.wire import ConnectionClosed, WireClient
 
 pytestmark = pytest.mark.timeout(60)
 MAXTID = p64(2**63 - 1)
@@ -62,7 +62,7 @@ def test_transaction_size_cap_closes_only_that_client(make_server):
 def test_connection_cap(make_server):
     server = make_server(max_connections=2)
     a, b = connect(server), connect(server)
-    with pytest.raises((Closed, ConnectionError)):
+    with pytest.raises((ConnectionClosed, ConnectionError)):
         WireClient(server.addr)  # refused before the greeting
     a.close()
     assert b.call("ping") is None
@@ -89,7 +89,7 @@ def test_client_that_never_reads_is_dropped(make_server):
             break
     # Had the server kept the connection, this would read 100 replies, then time out.
     reader.sock.settimeout(20)
-    with pytest.raises((Closed, ConnectionError)):
+    with pytest.raises((ConnectionClosed, ConnectionError)):
         while True:
             reader.read_message()
     assert writer.call("ping") is None
@@ -128,7 +128,7 @@ def test_resource_keys_in_the_config(tmp_path):
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         first = connect_addr(path)
-        with pytest.raises((Closed, ConnectionError)):
+        with pytest.raises((ConnectionClosed, ConnectionError)):
             WireClient(path)  # over max-connections
         try:  # over max-message-size: refused on the frame header
             first.async_call("ping", b"x" * (2 << 20))

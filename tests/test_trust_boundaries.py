@@ -15,7 +15,7 @@ import pytest
 from ZODB.scripts import fstest
 
 import ZEO
-from support.rawclient import Closed, RawClient
+from support.rawclient import ConnectionClosed, RawClient
 from support.servers import filestorage_conf, start_server
 
 Z64 = b"\0" * 8
@@ -100,7 +100,7 @@ def refused(c: RawClient, msgid=None) -> bool:
     """The last frame was refused: an error reply (to ``msgid``) or the connection closed."""
     try:
         reply = c.recv_message()
-    except (Closed, OSError):
+    except (ConnectionClosed, OSError):
         return True
     if msgid is not None:
         assert reply[0] == msgid

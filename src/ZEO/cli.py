@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from ZODB.utils import p64
 
 from ._usage import UsageError
-from .wire import Closed, RemoteError, WireClient, format_address, parse_address, ruok
+from .wire import ConnectionClosed, RemoteError, WireClient, format_address, parse_address, ruok
 
 EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1
@@ -585,8 +585,8 @@ def run(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> 
     except KeyboardInterrupt:
         print("zeo: interrupted", file=err)
         return 130
-    except (OSError, Closed, ssl.SSLError) as e:
-        what = "connection closed by the server" if isinstance(e, Closed) else str(e)
+    except (OSError, ConnectionClosed, ssl.SSLError) as e:
+        what = "connection closed by the server" if isinstance(e, ConnectionClosed) else str(e)
         where = getattr(args, "address", "?") if "args" in locals() else "?"
         print(f"zeo: cannot talk to {where}: {what or type(e).__name__}", file=err)
         return EXIT_UNREACHABLE

@@ -20,7 +20,7 @@ from .protocol import ClientConnection, Greeting, encode_frame, payload_to_excep
 Address = tuple[str, int] | str
 
 
-class Closed(Exception):
+class ConnectionClosed(Exception):
     """The server closed the connection."""
 
 
@@ -98,7 +98,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
         if not chunk:
-            raise Closed()
+            raise ConnectionClosed()
         buf += chunk
     return buf
 
@@ -167,9 +167,9 @@ class WireClient:
         except (TimeoutError, _ssl.SSLWantReadError):
             return False
         except (ConnectionResetError, BrokenPipeError):
-            raise Closed()
+            raise ConnectionClosed()
         if not data:
-            raise Closed()
+            raise ConnectionClosed()
         for msg in self.core.receive_data(data):
             if msg[2] == ".reply":
                 self._replies[msg[0]] = (msg[1], msg[3])

@@ -12,12 +12,11 @@ import time
 from typing import Any
 
 from ZEO.protocol import MsgpackCodec, PickleCodec, encode_frame
+from ZEO.wire import ConnectionClosed
 
 Z64 = b"\0" * 8
 
 
-class Closed(Exception):
-    """The server closed the connection (EOF or reset)."""
 
 
 class RawClient:
@@ -47,9 +46,9 @@ class RawClient:
             try:
                 chunk = self.sock.recv(65536)
             except ConnectionResetError as e:
-                raise Closed("reset") from e
+                raise ConnectionClosed("reset") from e
             if not chunk:
-                raise Closed("EOF")
+                raise ConnectionClosed("EOF")
             self._buf += chunk
         out = bytes(self._buf[:n])
         del self._buf[:n]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ZEO.wire import Closed, RemoteError
+from ZEO.wire import ConnectionClosed, RemoteError
 from ZEO.wire import WireClient as _WireClient
 
-__all__ = ["Closed", "RemoteError", "WireClient", "commit_one"]
+__all__ = ["ConnectionClosed", "RemoteError", "WireClient", "commit_one"]
 
 
 class WireClient(_WireClient):
@@ -26,7 +26,7 @@ class WireClient(_WireClient):
         try:
             while self._read_some(timeout):
                 pass
-        except Closed:
+        except ConnectionClosed:
             return True
         return False
 
