@@ -289,13 +289,14 @@ def test_bad_oid_refused(srv, oid):
 @pytest.mark.parametrize("ending", ["tpc_abort", "failed vote"])
 def test_aborted_store_leaves_no_trace_in_the_oid_counter(srv, ending):
     with registered(srv) as c:
-        [top] = c.call("new_oids", 1)
+        [existing, top] = c.call("new_oids", 2)
+        _commit(c, existing, Z64, RECORD, next(_counter) + 5000)
         high = (int.from_bytes(top, "big") + 10**12).to_bytes(8, "big")
         txn_id = next(_counter) + 5000
         c.oneway("tpc_begin", txn_id, b"", b"", {}, None, " ")
         c.oneway("storea", high, Z64, RECORD, txn_id)
-        if ending == "failed vote":  # a stale serial on the root: ConflictError, aborted
-            c.oneway("storea", Z64, Z64, RECORD, txn_id)
+        if ending == "failed vote":  # a stale serial: ConflictError, the vote aborted
+            c.oneway("storea", existing, Z64, RECORD, txn_id)
             reply = _vote(c, txn_id)
             assert reply[1] == 2
         else:

@@ -39,6 +39,7 @@ from .commit import (
     RESTORE,
     STORE,
     UNDO,
+    OnewaysThenReply,
     ServerTransaction,
     TxnPhase,
 )
@@ -96,16 +97,6 @@ def set_keepalive(sock: socket.socket, seconds: float | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
-
-
-class OnewaysThenReply:
-    """A deferred result that sends one-way calls to the caller just before the reply."""
-
-    __slots__ = ("oneways", "value")
-
-    def __init__(self, oneways: tuple[tuple[str, tuple], ...], value: Any) -> None:
-        self.oneways = oneways
-        self.value = value
 
 
 class PendingReply:
@@ -414,7 +405,7 @@ class Session(asyncio.Protocol):
                 "(%s) disconnected during %s transaction", self.label,
                 "locked" if txn.holds_lock else "unlocked",
             )
-            self.state.abort(self, txn, None)  # type: ignore[union-attr]
+            self.state.commits.abort(self, txn, None)  # type: ignore[union-attr]
         self._close_blob_upload()
         self.server.open_iterators -= len(self._iterators)
         self._iterators.clear()
@@ -587,8 +578,8 @@ class Session(asyncio.Protocol):
         state = self.state
         assert state is not None
         state.stats_loads += 1
-        if state.finishing:  # the storage may block readers until the finish is done
-            state.load_behind_finish(oid, tid, self.reply_later())
+        if state.commits.finishing:  # the storage may block readers during a finish
+            state.commits.load_behind_finish(oid, tid, self.reply_later())
             return LATER
         return self.storage.loadBefore(oid, tid)
 
@@ -916,7 +907,7 @@ class Session(asyncio.Protocol):
         if txn.phase is not TxnPhase.OPEN:
             raise StorageTransactionError("Already voting (locked)")
         assert self.state is not None
-        self.state.vote(self, txn, self.reply_later())
+        self.state.commits.vote(self, txn, self.reply_later())
         return LATER
 
     def tpc_finish(self, txn_id: Any) -> Any:
@@ -928,7 +919,7 @@ class Session(asyncio.Protocol):
         if txn.phase is not TxnPhase.VOTED:
             raise StorageTransactionError("tpc_finish before a successful vote")
         assert self.state is not None
-        self.state.finish(self, txn, self.reply_later())
+        self.state.commits.finish(self, txn, self.reply_later())
         return LATER
 
     def tpc_abort(self, txn_id: Any) -> Any:
@@ -936,7 +927,7 @@ class Session(asyncio.Protocol):
         if txn is None or txn.txn_id != txn_id:
             return None
         assert self.state is not None
-        self.state.abort(self, txn, self.reply_later())
+        self.state.commits.abort(self, txn, self.reply_later())
         return LATER
 
     def transaction_ended(self, txn: ServerTransaction) -> None:

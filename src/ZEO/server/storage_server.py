@@ -21,26 +21,15 @@ from collections.abc import Callable
 from typing import Any
 
 import ZODB.event
-from ZODB.Connection import TransactionMetaData
-from ZODB.POSException import ConflictError, StorageTransactionError
+from ZODB.POSException import ConflictError
 from ZODB.serialize import referencesf
 from ZODB.utils import p64, u64, z64
 from zope.interface import providedBy
 
 from ..protocol.framing import DEFAULT_MAX_MESSAGE_SIZE
-from .commit import (
-    CHECK,
-    DELETE,
-    RESTORE,
-    STORE,
-    UNDO,
-    CommitLock,
-    OidCounterGuard,
-    ServerTransaction,
-    TxnPhase,
-)
+from .commit import CommitPath
 from .resolve import ClassAllowList, ConflictResolver
-from .session import OnewaysThenReply, PendingReply, Session
+from .session import Session
 
 # ZEO 6's logger names, which operators' log monitoring greps for.
 logger = logging.getLogger("ZEO.StorageServer")
@@ -136,12 +125,6 @@ class StorageState:
         self.storage = storage
         self.loop = server.event_loop
         self.sessions: dict[Session, None] = {}
-        self.lock = CommitLock()
-        # The counter lives on the base storage (BlobStorage only forwards reads to it).
-        self.oid_guard = OidCounterGuard(_wrapped_storages(storage)[-1])
-        self.worker = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"zeo-commit-{storage_id}"
-        )
         self.invq: deque[tuple[bytes, Any]] = deque(maxlen=max(server.invalidation_queue_size, 1))
         last = storage.lastTransaction() or z64
         seeded = False
@@ -164,11 +147,8 @@ class StorageState:
         self.stats_conflicts_resolved = 0
         self.stats_active_txns = 0
         self.stats_loads_behind_finish = 0
-        #: A tpc_finish is running on the commit worker (loads queue behind it).
-        self.finishing = False
-        self.lock_granted_at = 0.0
-        self.lock_wait_seconds = 0.0  # summed over all granted votes
-        self.lock_hold_seconds = 0.0
+        #: The commit path: lock, worker thread, vote, finish, abort (ZEO.server.commit).
+        self.commits = CommitPath(self, _wrapped_storages(storage)[-1])
         self.supports_undo = _supports_undo(storage)
         self._interfaces = tuple(
             (iface.__module__, iface.__name__) for iface in providedBy(storage).__iro__
@@ -195,7 +175,7 @@ class StorageState:
         }
 
     def status(self) -> dict:
-        holder = self.lock.holder
+        holder = self.commits.lock.holder
         return {
             "connections": len(self.sessions),
             "loads": self.stats_loads,
@@ -207,7 +187,7 @@ class StorageState:
             "conflicts": self.stats_conflicts,
             "conflicts_resolved": self.stats_conflicts_resolved,
             "start": self.start,
-            "waiting": self.lock.waiting,
+            "waiting": self.commits.lock.waiting,
             "timeout-thread-is-alive": True if self.server.transaction_timeout else "stub",
             "last-transaction": self.published_tid.hex(),
         }
@@ -283,291 +263,6 @@ class StorageState:
         for session in list(self.sessions):
             session.close()
 
-    # -- the commit path -----------------------------------------------------------------
-
-    def vote(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
-        """Queue ``txn`` for the commit lock; its vote runs when the lock is granted."""
-        txn.move_to(TxnPhase.WAITING)
-        txn.vote_started_at = time.monotonic()
-        if not self.lock.acquire(txn, lambda t: self._run_vote(session, t, reply)):
-            waiting = self.lock.waiting
-            level = logging.CRITICAL if waiting > 9 else (
-                logging.WARNING if waiting > 3 else logging.DEBUG)
-            logger.log(level, "(%s) waiting for the commit lock of %r, %d waiting",
-                       session.label, self.storage_id, waiting)
-
-    def _run_vote(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
-        """The lock is ``txn``'s: vote on the loop (small) or on the commit worker."""
-        if txn.aborted or txn.phase is not TxnPhase.WAITING:
-            self._release(txn)
-            return
-        txn.move_to(TxnPhase.VOTING)
-        txn.locked_at = time.time()
-        self.lock_granted_at = time.monotonic()
-        self.lock_wait_seconds += self.lock_granted_at - txn.vote_started_at
-        timeout = self.server.transaction_timeout
-        if timeout:
-            txn.timeout_handle = self.loop.call_later(timeout, self._timed_out, session, txn,
-                                                      timeout)
-        if not self._votes_inline(txn):
-            self._on_worker(self._vote_body, (txn,),
-                            lambda ok, result: self._voted(session, txn, reply, ok, result))
-            return
-        try:
-            result = self._vote_body(txn)
-        except BaseException as exc:
-            self._voted(session, txn, reply, False, exc)
-        else:
-            self._voted(session, txn, reply, True, result)
-
-    def _voted(self, session: Session, txn: ServerTransaction, reply: PendingReply, ok: bool,
-               result: Any) -> None:
-        """On the loop, when the vote body returned (``ok``) or raised ``result``."""
-        if not ok:
-            if isinstance(result, ConflictError):
-                self.stats_conflicts += 1
-            self._end(session, txn, aborted=True)
-            reply.fail(result)
-            return
-        outcome, value = result
-        if outcome == "conflicts":
-            # The storage transaction was aborted; the client resolves and votes again.
-            self.stats_conflicts += len(value)
-            self._release(txn)
-            txn.move_to(TxnPhase.OPEN)
-            if txn.aborted:
-                self._end(session, txn, aborted=True)
-            reply.resolve(value)
-            return
-        if txn.aborted:  # the client went away while we voted
-            txn.move_to(TxnPhase.VOTED)  # the storage voted: abort() tells it, on the worker
-            self.abort(session, txn, None)
-            reply.resolve(None)
-            return
-        txn.move_to(TxnPhase.VOTED)
-        reply.resolve(value)
-
-    def load_behind_finish(self, oid: bytes, tid: bytes, reply: PendingReply) -> None:
-        """``loadBefore`` on the commit worker, after the tpc_finish running there.
-
-        FileStorage blocks its readers for the whole of ``tpc_finish``, fsync included; on the
-        loop that would stall every client.  Queued behind the finish, the load reads the new
-        state and its reply leaves after the commit's invalidations (the worker's callbacks
-        reach the loop in order), which zeo-facts 4.4 allows: the reply names its tids.
-        """
-        self.stats_loads_behind_finish += 1
-        self._on_worker(self.storage.loadBefore, (oid, tid),
-                        lambda ok, result: reply.resolve(result) if ok else reply.fail(result))
-
-    def _on_worker(self, func: Callable[..., Any], args: tuple,
-                   done: Callable[[bool, Any], None]) -> None:
-        """Run ``func(*args)`` on the commit worker, then ``done(ok, result or exception)``
-        on the loop: one hop each way, no future in between."""
-        loop = self.loop
-
-        def run() -> None:
-            try:
-                result = func(*args)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(done, False, exc)
-            else:
-                loop.call_soon_threadsafe(done, True, result)
-
-        try:
-            self.worker.submit(run)
-        except RuntimeError as exc:  # the worker is shut down: the server is closing
-            done(False, exc)
-
-    def _votes_inline(self, txn: ServerTransaction) -> bool:
-        """Whether ``txn`` is small enough to vote on the loop thread.
-
-        A thread round trip costs more than replaying a few small records; the storage's
-        ``tpc_vote`` writes but does not fsync (``tpc_finish`` does, on the worker).  Blobs,
-        undo and large transactions go to the commit worker so the loop never waits on them.
-        """
-        return (
-            not txn.blobs
-            and txn.spool is None
-            and txn.nbytes <= self.server.inline_vote_bytes
-            and len(txn.records) <= 1000
-            and not any(rec[0] == UNDO for rec in txn.records)
-        )
-
-    def _vote_body(self, txn: ServerTransaction) -> tuple[str, Any]:
-        """On the commit worker: replay the buffered records into the storage and vote."""
-        storage = self.storage
-        meta = txn.meta = TransactionMetaData(txn.user, txn.description, txn.extension)
-        if txn.tid is not None and txn.tid <= (storage.lastTransaction() or z64):
-            # Checked at tpc_begin too; another commit may have passed it since.
-            raise StorageTransactionError(
-                f"transaction id {txn.tid.hex()} is not after the last committed one")
-        if txn.tid is not None or txn.status != " ":
-            storage.tpc_begin(meta, txn.tid, txn.status)
-        else:
-            storage.tpc_begin(meta)
-        guard = self.oid_guard
-        raises = txn.oid_raises
-        try:
-            client_resolution = self.server.client_conflict_resolution
-            conflicts: dict[bytes, dict] = {}
-            invalidated: list[bytes] = []
-            returned: list[bytes] = []
-            for rec in txn.all_records():
-                kind = rec[0]
-                if kind == STORE:
-                    oid = rec[1]
-                    data = rec[3]
-                    try:
-                        guard.write(raises, oid, storage.store, oid, rec[2], data, "", meta)
-                    except ConflictError as e:
-                        if not client_resolution or e.oid is None:
-                            raise
-                        conflicts[oid] = {"oid": oid, "serials": e.serials, "data": data}
-                        continue
-                    conflicts.pop(oid, None)
-                    invalidated.append(oid)
-                elif kind == CHECK:
-                    storage.checkCurrentSerialInTransaction(rec[1], rec[2], meta)
-                elif kind == RESTORE:
-                    guard.write(raises, rec[1], storage.restore, rec[1], rec[2], rec[3], "",
-                                rec[4], meta)
-                elif kind == DELETE:
-                    storage.deleteObject(rec[1], rec[2], meta)
-                elif kind == UNDO:
-                    result = storage.undo(rec[1], meta)
-                    if result:
-                        undone = list(result[1])
-                        invalidated.extend(undone)
-                        returned.extend(undone)
-            blobs, txn.blobs = txn.blobs, []
-            try:
-                while blobs:
-                    oid, serial, data, path = blobs.pop(0)
-                    guard.write(raises, oid, storage.storeBlob, oid, serial, data, path, "",
-                                meta)
-                    invalidated.append(oid)
-            finally:
-                txn.blobs = blobs  # whatever was not consumed is removed at the end
-            if conflicts:
-                storage.tpc_abort(meta)
-                guard.undo(raises)
-                return "conflicts", list(conflicts.values())
-            resolved = storage.tpc_vote(meta)
-            if resolved:
-                returned.extend(resolved)
-                self.stats_conflicts_resolved += len(resolved)
-            txn.invalidated = invalidated
-            return "ok", returned
-        except BaseException:
-            storage.tpc_abort(meta)
-            guard.undo(raises)
-            raise
-
-    def finish(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
-        """Finish ``txn`` on the commit worker (tpc_finish fsyncs), then publish it."""
-        txn.move_to(TxnPhase.FINISHING)
-        self.finishing = True
-        storage = self.storage
-
-        def tpc_finish() -> bytes:  # on the commit worker
-            reported: list[bytes] = []
-            tid = storage.tpc_finish(txn.meta, reported.append)
-            # ZODB 5 storages return the tid; older ones only pass it to the callback.
-            return tid or (reported[0] if reported else storage.lastTransaction())
-
-        self._on_worker(tpc_finish, (),
-                        lambda ok, result: self._finished(session, txn, reply, ok, result))
-
-    def _finished(self, session: Session, txn: ServerTransaction, reply: PendingReply,
-                  ok: bool, result: Any) -> None:
-        """On the loop, after the storage's tpc_finish returned ``tid`` or raised."""
-        self.finishing = False
-        if not ok:
-            logger.critical("(%s) tpc_finish failed on %r", session.label, self.storage_id,
-                            exc_info=result)
-            self._end(session, txn, aborted=True)
-            reply.fail(result)
-            return
-        tid = result
-        oids = list(dict.fromkeys(txn.invalidated))
-        if not self.record(tid, oids):
-            oids = None  # a tid not after the last one: not broadcast (record() logged it)
-        self.stats_commits += 1
-        # Release first: the next vote runs now and its reply leaves before the broadcast
-        # below, so the next committer's round trip overlaps it.  Nothing in between can
-        # show a client this tid, so the rules of zeo-facts 4.4 still hold: invalidations
-        # go out in commit order, before the committer's reply and before this loop turn
-        # ends (no load reply can come between).
-        self._end(session, txn, aborted=False)
-        if oids is not None:
-            self.broadcast(tid, oids, session)
-        # The committer gets `info` just before its reply, in the same write.  Computed after
-        # the release (``len`` walks the index), out of the lock hold: the next transaction
-        # has at most voted, and a vote changes neither the length nor the size a storage
-        # reports until its tpc_finish.
-        info = {"length": len(self.storage), "size": self.storage.getSize()}
-        reply.resolve(OnewaysThenReply((("info", (info,)),), tid))
-
-    def abort(self, session: Session, txn: ServerTransaction,
-              reply: PendingReply | None) -> None:
-        """Abort ``txn`` in whatever phase it is; answer ``reply`` (if any) once it is done."""
-        phase = txn.phase
-        txn.aborted = True
-        if phase is TxnPhase.VOTED:
-            txn.move_to(TxnPhase.ABORTING)  # no second abort or finish
-
-            def aborted(ok: bool, result: Any) -> None:
-                self._end(session, txn, aborted=True)
-                if reply is not None:
-                    reply.resolve(None) if ok else reply.fail(result)
-
-            def tpc_abort() -> None:  # on the commit worker
-                self.storage.tpc_abort(txn.meta)
-                self.oid_guard.undo(txn.oid_raises)
-
-            self._on_worker(tpc_abort, (), aborted)
-            return
-        if phase is TxnPhase.WAITING:
-            self.lock.cancel(txn)
-        if phase in (TxnPhase.OPEN, TxnPhase.WAITING):
-            self._end(session, txn, aborted=True)
-        # VOTING: _voted sees ``aborted`` and aborts when the replay returns.
-        # FINISHING: the commit is completing; it cannot be taken back.  ABORTING: under way.
-        if reply is not None:
-            reply.resolve(None)
-
-    def _release(self, txn: ServerTransaction) -> None:
-        if txn.timeout_handle is not None:
-            txn.timeout_handle.cancel()
-            txn.timeout_handle = None
-        txn.locked_at = None
-        if self.lock.holder is txn:
-            now = time.monotonic()
-            wait = self.lock_granted_at - (txn.vote_started_at or self.lock_granted_at)
-            hold = now - self.lock_granted_at
-            self.lock_hold_seconds += hold
-            observer = self.server.observer
-            if observer is not None:
-                observer.lock_released(self.storage_id, wait, hold)
-        self.lock.release(txn)
-
-    def _end(self, session: Session, txn: ServerTransaction, aborted: bool) -> None:
-        if txn.phase is TxnPhase.ENDED:
-            return
-        self._release(txn)
-        txn.discard()
-        self.stats_active_txns -= 1
-        if aborted:
-            self.stats_aborts += 1
-        session.transaction_ended(txn)
-
-    def _timed_out(self, session: Session, txn: ServerTransaction, timeout: float) -> None:
-        if txn.phase is TxnPhase.ENDED or self.lock.holder is not txn:
-            return
-        timeout_logger.critical("(%s) Transaction timeout after %s seconds", session.label,
-                                timeout)
-        session.close()
-
     # -- pack ----------------------------------------------------------------------------
 
     def pack(self, t: float) -> asyncio.Future:
@@ -584,8 +279,8 @@ class StorageState:
             self.status(),
             storage_id=self.storage_id,
             invalidation_queue_length=len(self.invq),
-            lock_wait_seconds=self.lock_wait_seconds,
-            lock_hold_seconds=self.lock_hold_seconds,
+            lock_wait_seconds=self.commits.lock_wait_seconds,
+            lock_hold_seconds=self.commits.lock_hold_seconds,
             loads_behind_finish=self.stats_loads_behind_finish,
         )
 
@@ -992,11 +687,12 @@ class StorageServer:
         # Let connection_lost run and the aborts it queued reach the commit workers.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (
-            self.sessions or any(s.lock.holder is not None for s in self.states.values())
+            self.sessions or any(s.commits.lock.holder is not None
+                                 for s in self.states.values())
         ):
             await asyncio.sleep(0.01)
         for state in self.states.values():
-            await loop.run_in_executor(None, state.worker.shutdown, True)
+            await loop.run_in_executor(None, state.commits.worker.shutdown, True)
         self.read_executor.shutdown(wait=False)
         for sid, storage in self.storages.items():
             logger.info("closing storage %r", sid)
