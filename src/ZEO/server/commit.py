@@ -318,6 +318,8 @@ class CommitPath:
         self.server = state.server
         self.storage = state.storage
         self.loop = state.loop
+        #: How the transaction timeout is scheduled (the loop's; a test gives a fake clock's).
+        self.call_later: Callable[..., Any] = state.loop.call_later
         self.lock = CommitLock()
         # The oid counter lives on the base storage (BlobStorage only forwards reads to it).
         self.oid_guard = OidCounterGuard(counter_storage)
@@ -351,8 +353,8 @@ class CommitPath:
         self.lock_wait_seconds += self.lock_granted_at - txn.vote_started_at
         timeout = self.server.transaction_timeout
         if timeout:
-            txn.timeout_handle = self.loop.call_later(timeout, self._timed_out, session, txn,
-                                                      timeout)
+            txn.timeout_handle = self.call_later(timeout, self._timed_out, session, txn,
+                                                 timeout)
         if not self._votes_inline(txn):
             self._on_worker(self._vote_body, (txn,),
                             lambda ok, result: self._voted(session, txn, reply, ok, result))
