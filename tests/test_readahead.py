@@ -310,3 +310,19 @@ def test_random_reads_through_zodb_turn_reference_prefetch_down(server) -> None:
     # bucket's references go out is loaded, not prefetched): 2300-3100 of 3000 seen.
     assert in_order["score"] > 0.9 and in_order["used"] > 2000
     assert in_order["used"] > 20 * in_order["wasted"]
+
+
+def test_a_cold_load_advances_the_feedback_clock_once(server) -> None:
+    """``load`` speculates once, not again in the ``loadBefore`` it makes (issue 20)."""
+    oids = _commit_objects(server.addr, 3)
+    st = ClientStorage(server.addr, wait=True)
+    try:
+        feedback = st._prefetch_feedback
+        feedback.issued([b"\xff" * 8])  # something outstanding, so loads are counted
+        before = feedback._loads
+        st.load(oids[0])  # a cache miss
+        assert feedback._loads == before + 1
+        st.loadBefore(oids[1], b"\x7f" + b"\xff" * 7)
+        assert feedback._loads == before + 2
+    finally:
+        st.close()

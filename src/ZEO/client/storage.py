@@ -553,9 +553,13 @@ class ClientStorage(ConflictResolvingStorage):
             self._reached_mark(ahead, oid)
 
     def loadBefore(self, oid: bytes, tid: bytes):
+        self._speculate(oid)
+        return self._load_before(oid, tid)
+
+    def _load_before(self, oid: bytes, tid: bytes):
+        """``loadBefore`` after :meth:`_speculate` (which a load does once, not twice)."""
         cache = self._cache
         ahead = self._read_ahead
-        self._speculate(oid)
         r = cache.loadBefore(oid, tid)
         if r is not None:
             return r
@@ -581,7 +585,7 @@ class ClientStorage(ConflictResolvingStorage):
         r = self._cache.load(oid)
         if r is not None:
             return r
-        r = self.loadBefore(oid, MAXTID)
+        r = self._load_before(oid, MAXTID)
         if r is None:
             raise POSKeyError(oid)
         return r[0], r[1]
