@@ -19,7 +19,6 @@ client had acknowledged before the restart.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -38,13 +37,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORKER = HERE / "restart_worker.py"
 
-
-def _refzeo():
-    spec = importlib.util.spec_from_file_location(
-        "_zeo_restart_refzeo", REPO / "tests" / "support" / "refzeo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(HERE))
+from run import _refzeo  # noqa: E402  (builds and finds the reference venv)
 
 
 def _env(ours: bool) -> dict[str, str]:
