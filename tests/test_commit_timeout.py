@@ -52,7 +52,9 @@ class FakeTimer:
         self.cancelled = True
 
 
-class FakeSession:
+class FakeAPI:
+    """What the commit path uses of a ZEOStorage."""
+
     label = "fake"
 
     def __init__(self) -> None:
@@ -95,7 +97,7 @@ def commits():
 
 
 def voted_transaction(commits, txn_id=1):
-    session = FakeSession()
+    session = FakeAPI()
     txn = ServerTransaction(txn_id, b"", b"", {}, None, " ")
     [oid] = [commits.storage.new_oid()]
     txn.add((STORE, oid, z64, RECORD), len(RECORD), 1 << 20, None)
@@ -131,7 +133,7 @@ def test_the_timeout_stops_with_the_lock(commits):
 
 def test_a_waiting_vote_is_not_timed(commits):
     first_session, first = voted_transaction(commits, 1)
-    second_session = FakeSession()
+    second_session = FakeAPI()
     second = ServerTransaction(2, b"", b"", {}, None, " ")
     second.add((STORE, commits.storage.new_oid(), z64, RECORD), len(RECORD), 1 << 20, None)
     reply = Reply()

@@ -23,7 +23,8 @@ from ZODB.POSException import ConflictError, StorageTransactionError
 from ZODB.utils import z64
 
 if TYPE_CHECKING:
-    from .session import PendingReply, Session
+    from .session import PendingReply
+    from .zeostorage import ZEOStorage
     from .storage_server import StorageState
 
 logger = logging.getLogger("ZEO.StorageServer")
@@ -331,18 +332,18 @@ class CommitPath:
         self.lock_wait_seconds = 0.0  # summed over all granted votes
         self.lock_hold_seconds = 0.0
 
-    def vote(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
+    def vote(self, api: ZEOStorage, txn: ServerTransaction, reply: PendingReply) -> None:
         """Queue ``txn`` for the commit lock; its vote runs when the lock is granted."""
         txn.move_to(TxnPhase.WAITING)
         txn.vote_started_at = time.monotonic()
-        if not self.lock.acquire(txn, lambda t: self._run_vote(session, t, reply)):
+        if not self.lock.acquire(txn, lambda t: self._run_vote(api, t, reply)):
             waiting = self.lock.waiting
             level = logging.CRITICAL if waiting > 9 else (
                 logging.WARNING if waiting > 3 else logging.DEBUG)
             logger.log(level, "(%s) waiting for the commit lock of %r, %d waiting",
-                       session.label, self.state.storage_id, waiting)
+                       api.label, self.state.storage_id, waiting)
 
-    def _run_vote(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
+    def _run_vote(self, api: ZEOStorage, txn: ServerTransaction, reply: PendingReply) -> None:
         """The lock is ``txn``'s: vote on the loop (small) or on the commit worker."""
         if txn.aborted or txn.phase is not TxnPhase.WAITING:
             self._release(txn)
@@ -353,26 +354,26 @@ class CommitPath:
         self.lock_wait_seconds += self.lock_granted_at - txn.vote_started_at
         timeout = self.server.transaction_timeout
         if timeout:
-            txn.timeout_handle = self.call_later(timeout, self._timed_out, session, txn,
+            txn.timeout_handle = self.call_later(timeout, self._timed_out, api, txn,
                                                  timeout)
         if not self._votes_inline(txn):
             self._on_worker(self._vote_body, (txn,),
-                            lambda ok, result: self._voted(session, txn, reply, ok, result))
+                            lambda ok, result: self._voted(api, txn, reply, ok, result))
             return
         try:
             result = self._vote_body(txn)
         except BaseException as exc:
-            self._voted(session, txn, reply, False, exc)
+            self._voted(api, txn, reply, False, exc)
         else:
-            self._voted(session, txn, reply, True, result)
+            self._voted(api, txn, reply, True, result)
 
-    def _voted(self, session: Session, txn: ServerTransaction, reply: PendingReply, ok: bool,
+    def _voted(self, api: ZEOStorage, txn: ServerTransaction, reply: PendingReply, ok: bool,
                result: Any) -> None:
         """On the loop, when the vote body returned (``ok``) or raised ``result``."""
         if not ok:
             if isinstance(result, ConflictError):
                 self.state.stats_conflicts += 1
-            self._end(session, txn, aborted=True)
+            self._end(api, txn, aborted=True)
             reply.fail(result)
             return
         outcome, value = result
@@ -382,12 +383,12 @@ class CommitPath:
             self._release(txn)
             txn.move_to(TxnPhase.OPEN)
             if txn.aborted:
-                self._end(session, txn, aborted=True)
+                self._end(api, txn, aborted=True)
             reply.resolve(value)
             return
         if txn.aborted:  # the client went away while we voted
             txn.move_to(TxnPhase.VOTED)  # the storage voted: abort() tells it, on the worker
-            self.abort(session, txn, None)
+            self.abort(api, txn, None)
             reply.resolve(None)
             return
         txn.move_to(TxnPhase.VOTED)
@@ -509,7 +510,7 @@ class CommitPath:
             guard.undo(raises)
             raise
 
-    def finish(self, session: Session, txn: ServerTransaction, reply: PendingReply) -> None:
+    def finish(self, api: ZEOStorage, txn: ServerTransaction, reply: PendingReply) -> None:
         """Finish ``txn`` on the commit worker (tpc_finish fsyncs), then publish it."""
         txn.move_to(TxnPhase.FINISHING)
         self.finishing = True
@@ -522,16 +523,16 @@ class CommitPath:
             return tid or (reported[0] if reported else storage.lastTransaction())
 
         self._on_worker(tpc_finish, (),
-                        lambda ok, result: self._finished(session, txn, reply, ok, result))
+                        lambda ok, result: self._finished(api, txn, reply, ok, result))
 
-    def _finished(self, session: Session, txn: ServerTransaction, reply: PendingReply,
+    def _finished(self, api: ZEOStorage, txn: ServerTransaction, reply: PendingReply,
                   ok: bool, result: Any) -> None:
         """On the loop, after the storage's tpc_finish returned ``tid`` or raised."""
         self.finishing = False
         if not ok:
-            logger.critical("(%s) tpc_finish failed on %r", session.label, self.state.storage_id,
+            logger.critical("(%s) tpc_finish failed on %r", api.label, self.state.storage_id,
                             exc_info=result)
-            self._end(session, txn, aborted=True)
+            self._end(api, txn, aborted=True)
             reply.fail(result)
             return
         tid = result
@@ -544,9 +545,9 @@ class CommitPath:
         # show a client this tid, so the rules of zeo-facts 4.4 still hold: invalidations
         # go out in commit order, before the committer's reply and before this loop turn
         # ends (no load reply can come between).
-        self._end(session, txn, aborted=False)
+        self._end(api, txn, aborted=False)
         if oids is not None:
-            self.state.broadcast(tid, oids, session)
+            self.state.broadcast(tid, oids, api.session)
         # The committer gets `info` just before its reply, in the same write.  Computed after
         # the release (``len`` walks the index), out of the lock hold: the next transaction
         # has at most voted, and a vote changes neither the length nor the size a storage
@@ -554,7 +555,7 @@ class CommitPath:
         info = {"length": len(self.storage), "size": self.storage.getSize()}
         reply.resolve(OnewaysThenReply((("info", (info,)),), tid))
 
-    def abort(self, session: Session, txn: ServerTransaction,
+    def abort(self, api: ZEOStorage, txn: ServerTransaction,
               reply: PendingReply | None) -> None:
         """Abort ``txn`` in whatever phase it is; answer ``reply`` (if any) once it is done."""
         phase = txn.phase
@@ -563,7 +564,7 @@ class CommitPath:
             txn.move_to(TxnPhase.ABORTING)  # no second abort or finish
 
             def aborted(ok: bool, result: Any) -> None:
-                self._end(session, txn, aborted=True)
+                self._end(api, txn, aborted=True)
                 if reply is not None:
                     reply.resolve(None) if ok else reply.fail(result)
 
@@ -576,7 +577,7 @@ class CommitPath:
         if phase is TxnPhase.WAITING:
             self.lock.cancel(txn)
         if phase in (TxnPhase.OPEN, TxnPhase.WAITING):
-            self._end(session, txn, aborted=True)
+            self._end(api, txn, aborted=True)
         # VOTING: _voted sees ``aborted`` and aborts when the replay returns.
         # FINISHING: the commit is completing; it cannot be taken back.  ABORTING: under way.
         if reply is not None:
@@ -597,7 +598,7 @@ class CommitPath:
                 observer.lock_released(self.state.storage_id, wait, hold)
         self.lock.release(txn)
 
-    def _end(self, session: Session, txn: ServerTransaction, aborted: bool) -> None:
+    def _end(self, api: ZEOStorage, txn: ServerTransaction, aborted: bool) -> None:
         if txn.phase is TxnPhase.ENDED:
             return
         self._release(txn)
@@ -605,11 +606,11 @@ class CommitPath:
         self.state.stats_active_txns -= 1
         if aborted:
             self.state.stats_aborts += 1
-        session.transaction_ended(txn)
+        api.transaction_ended(txn)
 
-    def _timed_out(self, session: Session, txn: ServerTransaction, timeout: float) -> None:
+    def _timed_out(self, api: ZEOStorage, txn: ServerTransaction, timeout: float) -> None:
         if txn.phase is TxnPhase.ENDED or self.lock.holder is not txn:
             return
-        timeout_logger.critical("(%s) Transaction timeout after %s seconds", session.label,
+        timeout_logger.critical("(%s) Transaction timeout after %s seconds", api.label,
                                 timeout)
-        session.close()
+        api.close()
