@@ -175,9 +175,9 @@ def test_identical_loads_are_collapsed(make_server, closing, kind):
     # Hold the reader thread inside a reply hook, so later replies stay pending.
     blocker = conn.call("ping", on_reply=lambda v: release.wait(10))
     try:
-        a = st._load_call(conn, z64, p64(2))
-        b = st._load_call(conn, z64, p64(2))
-        c = st._load_call(conn, z64, p64(3))
+        a = st._prefetcher.request(conn, z64, p64(2))
+        b = st._prefetcher.request(conn, z64, p64(2))
+        c = st._prefetcher.request(conn, z64, p64(3))
         assert a is b and a is not c
     finally:
         release.set()

@@ -17,7 +17,7 @@ import pytest
 from ZEO.client import connection as client_connection
 from ZEO.client.connection import Connection, SocketTransport
 from ZEO.Exceptions import ClientDisconnected
-from ZEO.protocol import ClientConnection, Greeting, ServerConnection
+from ZEO.protocol import ServerConnection
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,15 +69,7 @@ class ScriptedServer:
 def open_pair(script, handler: Recorder) -> tuple[Connection, ScriptedServer]:
     a, b = socket.socketpair()
     server = ScriptedServer(b, script)
-    # Connection.open connects by address; here the handshake runs on the socket pair.
-    proto = ClientConnection()
-    backlog: list = []
-    while not any(isinstance(e, Greeting) for e in backlog):
-        backlog.extend(proto.receive_data(a.recv(65536)))
-    a.sendall(proto.handshake_reply)
-    conn = Connection(SocketTransport(a), proto, "pair", handler, "test")
-    conn._backlog = [e for e in backlog if not isinstance(e, Greeting)]
-    conn._reader.start()
+    conn = Connection.over(SocketTransport(a), "pair", handler, name="test")
     return conn, server
 
 

@@ -317,7 +317,7 @@ def test_a_cold_load_advances_the_feedback_clock_once(server) -> None:
     oids = _commit_objects(server.addr, 3)
     st = ClientStorage(server.addr, wait=True)
     try:
-        feedback = st._prefetch_feedback
+        feedback = st._prefetcher.feedback
         feedback.issued([b"\xff" * 8])  # something outstanding, so loads are counted
         before = feedback._loads
         st.load(oids[0])  # a cache miss

@@ -205,7 +205,8 @@ class Handler(Protocol):
 
 
 class Connection:
-    """A handshaken connection to a ZEO server.  Build it with :meth:`open`."""
+    """A handshaken connection to a ZEO server.  Build it with :meth:`open` (by address) or
+    :meth:`over` (over a transport already open)."""
 
     def __init__(self, transport: Transport, core: ClientConnection, peer: Any,
                  handler: Handler, name: str = "") -> None:
@@ -248,8 +249,18 @@ class Connection:
     def open(cls, addr: Any, handler: Handler, *, timeout: float = 10.0, name: str = "",
              ssl_context: Any = None, server_hostname: str | None = None,
              max_message_size: int | None = None) -> Connection:
-        """Connect and do the handshake; the reader thread is running on return."""
+        """Connect to ``addr`` and do the handshake; the reader thread is running on return."""
         transport, peer = open_transport(addr, timeout, ssl_context, server_hostname)
+        return cls.over(transport, peer, handler, timeout=timeout, name=name,
+                        tls=ssl_context is not None, max_message_size=max_message_size)
+
+    @classmethod
+    def over(cls, transport: Transport, peer: Any, handler: Handler, *,
+             timeout: float = 10.0, name: str = "", tls: bool = False,
+             max_message_size: int | None = None) -> Connection:
+        """Do the handshake over an open ``transport`` (closed on failure); the reader
+        thread is running on return.  ``tls`` says the transport is TLS (a silent server
+        is then not a hint to use TLS)."""
         try:
             core = (ClientConnection(max_message_size) if max_message_size
                     else ClientConnection())
@@ -261,15 +272,15 @@ class Connection:
                 try:
                     data = transport.recv(RECV_SIZE)
                 except TimeoutError:
-                    if ssl_context is None:  # a TLS server waits for our ClientHello
+                    if not tls:  # a TLS server waits for our ClientHello
                         from .tls import TLSError
 
                         raise TLSError(
-                            f"{addr!r} sent no ZEO greeting within {timeout} s: if it is "
+                            f"{peer!r} sent no ZEO greeting within {timeout} s: if it is "
                             "a TLS server, connect with ssl=") from None
                     raise
                 if not data:
-                    raise ConnectionError(f"{addr!r} closed the connection before the greeting")
+                    raise ConnectionError(f"{peer!r} closed the connection before the greeting")
                 for event in core.receive_data(data):
                     if isinstance(event, Greeting):
                         greeted = True

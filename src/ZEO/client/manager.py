@@ -9,23 +9,19 @@ fallback connection instead looks for a writable server now and then and upgrade
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import random
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import ZODB.event
 from ZODB.POSException import ReadOnlyError
 
 from ZEO.Exceptions import ClientDisconnected
-from ZEO.interfaces import StaleCache
 
-from .connection import Connection
+from .connection import Connection, Handler
 from .tls import TLSError
-
-if TYPE_CHECKING:
-    from .storage import ClientStorage
 
 logger = logging.getLogger("ZEO.ClientStorage")
 
@@ -39,6 +35,48 @@ UPGRADE_MAX = 10.0
 
 class RegistrationFailed(Exception):
     """The server refused us or the cache cannot be used with it; retry later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """How the manager registers its storage: fixed for the storage's life."""
+
+    storage_id: str
+    read_only: bool
+    read_only_fallback: bool
+    client_label: str | None
+    #: How long callers wait for a connection: a silent server gets no longer than this.
+    wait_timeout: float
+
+
+class ManagedStorage(Handler, Protocol):
+    """The hand-over a storage offers its manager (``ClientStorage`` implements it).
+
+    A connection goes ``begin_setup`` -> ``verify_cache`` -> ``finish_setup`` (it is then
+    the storage's live connection) or ``abandon_setup``; the storage reports its loss through
+    :meth:`~ZEO.client.connection.Handler.connection_lost` and :meth:`ConnectionManager.wake`.
+    """
+
+    __name__: str
+
+    def isReadOnly(self) -> bool: ...
+
+    def live_connection(self) -> Connection | None:
+        """The connection in use, or None."""
+
+    def begin_setup(self, conn: Connection) -> None:
+        """``conn`` is registering: queue the invalidations it brings meanwhile."""
+
+    def abandon_setup(self, conn: Connection) -> None:
+        """``conn`` will not be used: forget what was queued for it."""
+
+    def verify_cache(self, conn: Connection, server_tid: bytes) -> bytes:
+        """Bring the cache up to ``server_tid`` (zeo-facts §3.3); the tid it is now at.
+        Raises :class:`RegistrationFailed` when the cache cannot be used with this server."""
+
+    def finish_setup(self, conn: Connection, server_tid: bytes, info: dict,
+                     read_only: bool) -> None:
+        """Make ``conn`` the live connection; ``info`` is the server's ``get_info``."""
 
 
 def normalize_addresses(addr: Any) -> list:
@@ -66,10 +104,14 @@ def normalize_addresses(addr: Any) -> list:
 class ConnectionManager:
     """Keeps ``storage`` connected; see the module docstring."""
 
-    def __init__(self, storage: ClientStorage, addresses: list, *, ssl: Any = None,
-                 ssl_server_hostname: str | None = None) -> None:
+    def __init__(self, storage: ManagedStorage, addresses: list, registration: Registration,
+                 *, ssl: Any = None, ssl_server_hostname: str | None = None) -> None:
         self.storage = storage
         self.addresses = addresses
+        self.registration = registration
+        #: A TLS failure on the last round of attempts (a configuration problem: a caller
+        #: waiting for a connection stops waiting), or None.
+        self.connect_error: BaseException | None = None
         self.ssl = ssl
         self.ssl_server_hostname = ssl_server_hostname
         self._wake = threading.Condition()
@@ -112,18 +154,19 @@ class ConnectionManager:
         delay = FIRST_RETRY
         upgrade_delay = UPGRADE_FIRST
         while not self._closed:
-            conn = self.storage._conn
+            storage = self.storage
+            conn = storage.live_connection()
             if conn is not None:
-                storage = self.storage
-                upgrading = (storage._is_read_only and storage._read_only_fallback
-                             and not storage._read_only)
+                reg = self.registration
+                upgrading = (storage.isReadOnly() and reg.read_only_fallback
+                             and not reg.read_only)
                 wait = upgrade_delay * (1 + random.random() / 2) if upgrading else (
                     HEARTBEAT_INTERVAL)
                 with self._wake:
-                    if self._closed or self.storage._conn is not conn:
+                    if self._closed or storage.live_connection() is not conn:
                         continue
                     notified = self._wake.wait(wait)
-                if notified or self.storage._conn is not conn:
+                if notified or storage.live_connection() is not conn:
                     continue
                 if upgrading:  # a read-only fallback connection: look for a writable one
                     if not self._try_addresses(upgrade_from=conn):
@@ -135,7 +178,7 @@ class ConnectionManager:
             if self._try_addresses():
                 delay = FIRST_RETRY
                 continue
-            if self.storage._connect_error is not None:
+            if self.connect_error is not None:
                 # A TLS failure: retry slowly, so that a constructor waiting for us sees the
                 # error and closes us while we sleep, not while we block in a new attempt.
                 delay = MAX_RETRY
@@ -151,7 +194,7 @@ class ConnectionManager:
         addresses = list(self.addresses)
 
         # A server that says nothing is given no longer than the caller waits for one.
-        wait = getattr(self.storage, "_wait_timeout", None) or CONNECT_TIMEOUT
+        wait = self.registration.wait_timeout or CONNECT_TIMEOUT
         timeout = min(CONNECT_TIMEOUT, max(1.0, wait))
         for addr in addresses:
             if addr not in self._announced:
@@ -215,7 +258,7 @@ class ConnectionManager:
         results, pending = self._open_all()
         tls_error: TLSError | None = None
         fallback: tuple[Any, Connection] | None = None
-        fallback_ok = storage._read_only_fallback and upgrade_from is None
+        fallback_ok = self.registration.read_only_fallback and upgrade_from is None
         while pending:
             addr, conn, err = results.get()
             pending -= 1
@@ -228,9 +271,9 @@ class ConnectionManager:
                 conn.close()
                 continue
             try:
-                self._setup(conn, storage._read_only, upgrade_from)
+                self._setup(conn, self.registration.read_only, upgrade_from)
             except ReadOnlyError as e:
-                storage._abandon_setup(conn)
+                storage.abandon_setup(conn)
                 if fallback_ok and fallback is None:
                     fallback = (addr, conn)  # used if no address lets us write
                 else:
@@ -243,7 +286,7 @@ class ConnectionManager:
                 continue
             except Exception as e:
                 conn.close()
-                storage._abandon_setup(conn)
+                storage.abandon_setup(conn)
                 self._note_failure(addr, e, "registration or cache validation with")
                 continue
             return self._won(conn, results, pending, fallback)
@@ -253,12 +296,12 @@ class ConnectionManager:
                 self._setup(conn, True, None)
             except Exception as e:
                 conn.close()
-                storage._abandon_setup(conn)
+                storage.abandon_setup(conn)
                 self._note_failure(addr, e, "read-only registration with")
             else:
                 return self._won(conn, results, 0, None)
         if tls_error is not None and upgrade_from is None:
-            storage._connect_error = tls_error  # every address failed, one of them on TLS
+            self.connect_error = tls_error  # every address failed, one of them on TLS
         return False
 
     def _won(self, conn: Connection, results: queue.Queue, pending: int,
@@ -270,7 +313,7 @@ class ConnectionManager:
         if self._closed:
             conn.close()
             return False
-        self.storage._connect_error = None
+        self.connect_error = None
         self._logged.clear()
         self.last_errors.clear()
         return True
@@ -283,8 +326,9 @@ class ConnectionManager:
         upgrade) is closed once ``conn`` is registered, before the cache is verified again.
         """
         storage = self.storage
-        storage._begin_setup(conn)
-        server_tid = conn.call_sync("register", storage._storage_id, read_only)
+        reg = self.registration
+        storage.begin_setup(conn)
+        server_tid = conn.call_sync("register", reg.storage_id, read_only)
         if replacing is not None:
             # Like a disconnect: a transaction on the old connection fails, then we verify.
             logger.info("%s upgrading to a writable connection to %r", storage.__name__,
@@ -293,43 +337,8 @@ class ConnectionManager:
             replacing.join(10)
         if server_tid is None:
             server_tid = conn.call_sync("lastTransaction")
-        server_tid = self._verify_cache(conn, server_tid)
+        server_tid = storage.verify_cache(conn, server_tid)
         info = conn.call_sync("get_info")
-        if storage._client_label:
-            conn.call_oneway("set_client_label", storage._client_label)
-        storage._finish_setup(conn, server_tid, info, bool(read_only))
-
-    def _verify_cache(self, conn: Connection, server_tid: bytes) -> bytes:
-        """zeo-facts §3.3; returns the tid the cache is now current to."""
-        storage = self.storage
-        cache = storage._cache
-        db = storage._db
-        if len(cache):
-            cache_tid = cache.getLastTid()
-            if not cache_tid:
-                cache.clear()
-                if db is not None:
-                    db.invalidateCache()
-            elif cache_tid > server_tid:
-                logger.critical(
-                    "Client cache is out of sync with the server. Verify that this is expected "
-                    "and then remove the cache file (usually a .zec file) before restarting "
-                    "the server.")
-                raise RegistrationFailed("client cache is newer than the server")
-            elif cache_tid < server_tid:
-                r = conn.call_sync("getInvalidations", cache_tid)
-                if r is None:
-                    ZODB.event.notify(StaleCache(storage))
-                    logger.critical("%s dropping stale cache", storage.__name__)
-                    cache.clear()
-                    if db is not None:
-                        db.invalidateCache()
-                else:
-                    tid, oids = r
-                    for oid in oids:
-                        cache.invalidate(oid, None)
-                    if db is not None:
-                        db.invalidate(tid, oids)
-                    server_tid = tid
-        cache.setLastTid(server_tid)
-        return server_tid
+        if reg.client_label:
+            conn.call_oneway("set_client_label", reg.client_label)
+        storage.finish_setup(conn, server_tid, info, bool(read_only))

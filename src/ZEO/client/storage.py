@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 import threading
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import ZODB.BaseStorage
+import ZODB.event
 import ZODB.interfaces
 import zope.interface
 from ZODB.ConflictResolution import ConflictResolvingStorage
@@ -28,25 +28,20 @@ from ZODB.POSException import (
     ReadOnlyError,
     StorageTransactionError,
 )
-from ZODB.serialize import referencesf
 from ZODB.utils import z64
 
 from ZEO.Exceptions import ClientDisconnected
+from ZEO.interfaces import StaleCache
 
 from .blob import BlobStore, open_blob_store
 from .cache import ClientCache
-from .connection import Call, Connection
-from .manager import ConnectionManager, normalize_addresses
-from .readahead import PrefetchFeedback, ReadAhead
-
-# A record without the opcode of a persistent reference references nothing: BINPERSID for
-# protocol 1 and up (ZODB's; a protocol 2+ pickle starts with PROTO), PERSID for protocol 0.
-_BINPERSID, _PERSID, _PROTO = pickle.BINPERSID, pickle.PERSID, pickle.PROTO
+from .connection import Connection
+from .manager import ConnectionManager, Registration, RegistrationFailed, normalize_addresses
+from .prefetch import MAXTID, Prefetcher
 
 logger = logging.getLogger("ZEO.ClientStorage")
 
 MB = 1024 * 1024
-MAXTID = b"\x7f\xff\xff\xff\xff\xff\xff\xff"
 MAX_VOTE_ATTEMPTS = 9
 
 # Interfaces a server may announce in get_info that we then provide too (zeo-facts §3.2).
@@ -150,16 +145,7 @@ class ClientStorage(ConflictResolvingStorage):
         self._read_only_fallback = bool(read_only_fallback)
         self._is_read_only = bool(read_only)
         self._wait_timeout = 30.0 if wait_timeout is None else float(wait_timeout)
-        self._client_label = client_label
         self._server_sync = bool(server_sync)
-        # A cold load of a current record also fetches, pipelined, up to this many uncached
-        # objects it references (a traversal then finds them cached); 0 turns it off.
-        self._prefetch_references = max(0, int(prefetch_references))
-        # ... scaled down while those objects go unused (random access): ZEO.client.readahead.
-        self._prefetch_feedback = PrefetchFeedback() if self._prefetch_references else None
-        # Cold loads of consecutive oids fetch up to this many of the following ones ahead
-        # (ZEO.client.readahead); 0 turns it off.
-        self._read_ahead = ReadAhead(int(read_ahead)) if int(read_ahead) > 0 else None
         self.blob_dir = blob_dir
         self.shared_blob_dir = shared_blob_dir
         self._tmp_dir: str | None = None
@@ -179,12 +165,14 @@ class ClientStorage(ConflictResolvingStorage):
         self._info: dict = {
             "length": 0, "size": 0, "name": "ZEO Client", "supportsUndo": 0, "interfaces": (),
         }
+        # Cold loads, and what they fetch ahead (ZEO.client.prefetch).
+        self._prefetcher = Prefetcher(self._cache, lambda: self._conn, prefetch_references,
+                                      read_ahead)
         self._db: Any = None
         self._conn: Connection | None = None
         self._setup_conn: Connection | None = None
         self._server_addr: Any = None
         self.protocol_version: bytes | None = None
-        self._connect_error: BaseException | None = None
         self._connected_once = False
         self._closed = False
         self._ready = threading.Event()
@@ -208,16 +196,19 @@ class ClientStorage(ConflictResolvingStorage):
         self._iterator_garbage: list[int] = []
 
         self._manager = ConnectionManager(
-            self, addresses, ssl=ssl, ssl_server_hostname=ssl_server_hostname)
+            self, addresses,
+            Registration(storage, self._read_only, self._read_only_fallback, client_label,
+                         self._wait_timeout),
+            ssl=ssl, ssl_server_hostname=ssl_server_hostname)
         self._manager.start()
         if wait:
             deadline = time.monotonic() + self._wait_timeout
             # A TLS failure (ZEO.client.tls.TLSError) ends the wait early: it needs fixing.
             while not self._ready.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
-                if self._connect_error is not None or time.monotonic() >= deadline:
+                if self._manager.connect_error is not None or time.monotonic() >= deadline:
                     break
             if not self._connected_once:  # (ready may be cleared again by a quick drop)
-                err = self._connect_error
+                err = self._manager.connect_error
                 self.close()
                 if err is not None:
                     raise err
@@ -226,19 +217,25 @@ class ClientStorage(ConflictResolvingStorage):
 
     # -- connection state (manager thread and reader threads) ------------------------------
 
-    def _begin_setup(self, conn: Connection) -> None:
+    # The hand-over to the connection manager (ZEO.client.manager.ManagedStorage).
+
+    def live_connection(self) -> Connection | None:
+        """The connection in use, or None (the manager's view; callers use _connection)."""
+        return self._conn
+
+    def begin_setup(self, conn: Connection) -> None:
         with self._state_lock:
             self._setup_conn = conn
             self._queued_invalidations = []
 
-    def _abandon_setup(self, conn: Connection) -> None:
+    def abandon_setup(self, conn: Connection) -> None:
         with self._state_lock:
             if self._setup_conn is conn:
                 self._setup_conn = None
                 self._queued_invalidations = []
 
-    def _finish_setup(self, conn: Connection, server_tid: bytes, info: dict,
-                      read_only: bool) -> None:
+    def finish_setup(self, conn: Connection, server_tid: bytes, info: dict,
+                     read_only: bool) -> None:
         self._info.update(info)
         provided = [
             _REMOTE_INTERFACES[tuple(i)] for i in info.get("interfaces", ())
@@ -268,6 +265,40 @@ class ClientStorage(ConflictResolvingStorage):
             self._ready.set()
         logger.info("%s connected to %r (%s)", self.__name__, conn.peer,
                     "read-only" if read_only else "read-write")
+
+    def verify_cache(self, conn: Connection, server_tid: bytes) -> bytes:
+        """zeo-facts §3.3 (manager thread); the tid the cache is now current to."""
+        cache = self._cache
+        db = self._db
+        if len(cache):
+            cache_tid = cache.getLastTid()
+            if not cache_tid:
+                cache.clear()
+                if db is not None:
+                    db.invalidateCache()
+            elif cache_tid > server_tid:
+                logger.critical(
+                    "Client cache is out of sync with the server. Verify that this is expected "
+                    "and then remove the cache file (usually a .zec file) before restarting "
+                    "the server.")
+                raise RegistrationFailed("client cache is newer than the server")
+            elif cache_tid < server_tid:
+                r = conn.call_sync("getInvalidations", cache_tid)
+                if r is None:
+                    ZODB.event.notify(StaleCache(self))
+                    logger.critical("%s dropping stale cache", self.__name__)
+                    cache.clear()
+                    if db is not None:
+                        db.invalidateCache()
+                else:
+                    tid, oids = r
+                    for oid in oids:
+                        cache.invalidate(oid, None)
+                    if db is not None:
+                        db.invalidate(tid, oids)
+                    server_tid = tid
+        cache.setLastTid(server_tid)
+        return server_tid
 
     def connection_lost(self, conn: Connection) -> None:
         """Reader thread: ``conn`` ended.  Poison the transaction and reconnect."""
@@ -420,10 +451,7 @@ class ClientStorage(ConflictResolvingStorage):
         conn = self._conn
         if conn is not None:
             stats["connection"] = conn.statistics()
-        if self._read_ahead is not None:
-            stats["read_ahead"] = self._read_ahead.statistics()
-        if self._prefetch_feedback is not None:
-            stats["prefetch_references"] = self._prefetch_feedback.statistics()
+        stats.update(self._prefetcher.statistics())
         try:
             stats["cache"] = self._cache.statistics()
         except AttributeError:
@@ -432,170 +460,26 @@ class ClientStorage(ConflictResolvingStorage):
 
     # -- reads ------------------------------------------------------------------------------
 
-    def _load_hook(self, oid: bytes):
-        cache = self._cache
-        ahead = self._read_ahead
-
-        def store_in_cache(result: Any) -> Any:
-            if result is not None:
-                data, start, end = result
-                if ahead is not None:
-                    ahead.observe_size(len(data))
-                try:
-                    cache.store(oid, start, end, data)
-                except Exception:
-                    logger.exception("caching %r failed", oid)
-            return result
-
-        return store_in_cache
-
-    def _load_call(self, conn: Connection, oid: bytes, tid: bytes) -> Call:
-        after = self._prefetch_hook(conn) if self._prefetch_references else None
-        return conn.call("loadBefore", oid, tid, msgid=(oid, tid), on_reply=self._load_hook(oid),
-                         after_reply=after)
-
-    def _prefetch_hook(self, conn: Connection):
-        def prefetch_references(result: Any) -> None:  # reader thread, caller already woken
-            if result is not None and result[2] is None:
-                # Only a current record says what is current to fetch.
-                self._prefetch_references_of(conn, result[0])
-
-        return prefetch_references
-
-    def _prefetch_references_of(self, conn: Connection, data: bytes) -> bool:
-        """Request, pipelined, the uncached objects ``data`` references (as many as useful).
-
-        False when the record references nothing.
-        """
-        if _BINPERSID not in data and (data[:1] == _PROTO or _PERSID not in data):
-            return False  # no persistent reference can be in it: skip the unpickling
-        feedback = self._prefetch_feedback
-        limit = feedback.limit(self._prefetch_references)
-        if not limit:
-            return True
-        try:
-            refs = referencesf(data)
-        except Exception:
-            return False  # not a plain ZODB record (e.g. transformed data): nothing to do
-        cache = self._cache
-        calls = []
-        for ref in dict.fromkeys(refs):
-            if cache.load(ref) is None:
-                calls.append(((ref, MAXTID), (ref, MAXTID), self._load_hook(ref)))
-                if len(calls) >= limit:
-                    break
-        if calls:
-            feedback.issued([c[0][0] for c in calls])
-            try:
-                conn.call_many("loadBefore", calls)
-            except ClientDisconnected:
-                pass
-        return True
-
-    def _used_ahead(self, oid: bytes, sibling: bytes) -> None:
-        """``oid`` was fetched ahead and is now wanted: fetch ahead what it and ``sibling``
-        (requested after it, b"" if none) reference in turn.
-
-        A record fetched ahead brings no references of its own (that would cascade through
-        the whole database); the application's use of it is what earns the next step.  The
-        sibling's references go too, so a traversal (bucket after bucket) never waits for
-        the first object of the next one.
-        """
-        conn = self._conn
-        if conn is None:
-            return
-        ahead = self._read_ahead
-        if ahead is not None:
-            # To the read-ahead a use of what was fetched ahead is a miss avoided, not a hit:
-            # objects written together and read in order still form a sequence to detect.
-            oids = ahead.miss(oid)
-            if oids:
-                self._fetch_ahead(conn, oids)
-        hit = self._cache.load(oid)
-        if hit is None or not self._prefetch_references_of(conn, hit[0]) or not sibling:
-            return  # a leaf's siblings are leaves too, as a rule
-        hit = self._cache.load(sibling)
-        if hit is not None:
-            self._prefetch_references_of(conn, hit[0])
-
-    def _fetch_ahead(self, conn: Connection, oids: range) -> None:
-        cache = self._cache
-        calls = []
-        for n in oids:
-            oid = n.to_bytes(8, "big")
-            if cache.load(oid) is None:
-                calls.append(((oid, MAXTID), (oid, MAXTID), self._load_hook(oid)))
-        if calls:
-            try:
-                conn.call_many("loadBefore", calls, self._fetched_ahead_error)
-            except ClientDisconnected:
-                pass
-
-    def _fetched_ahead_error(self, msgid: Any, exc: BaseException) -> None:
-        if isinstance(exc, POSKeyError) and self._read_ahead is not None:
-            self._read_ahead.missing(msgid[0])
-
-    def _reached_mark(self, ahead: ReadAhead, oid: bytes) -> None:
-        oids = ahead.reached(oid)
-        conn = self._conn
-        if oids and conn is not None:
-            self._fetch_ahead(conn, oids)
-
-    def _speculate(self, oid: bytes) -> None:
-        """Before a load of ``oid``: tell the prefetch feedback and the read-ahead of it."""
-        feedback = self._prefetch_feedback
-        if feedback is not None:
-            sibling = feedback.used(oid)
-            if sibling is not None:
-                self._used_ahead(oid, sibling)
-        ahead = self._read_ahead
-        if ahead is not None and oid == ahead.mark:
-            self._reached_mark(ahead, oid)
-
     def loadBefore(self, oid: bytes, tid: bytes):
-        self._speculate(oid)
-        return self._load_before(oid, tid)
-
-    def _load_before(self, oid: bytes, tid: bytes):
-        """``loadBefore`` after :meth:`_speculate` (which a load does once, not twice)."""
-        cache = self._cache
-        ahead = self._read_ahead
-        r = cache.loadBefore(oid, tid)
+        self._prefetcher.loading(oid)
+        r = self._cache.loadBefore(oid, tid)
         if r is not None:
             return r
-        conn = self._connection()
-        prefetching = conn.pending((oid, MAXTID)) if tid != MAXTID else None
-        if prefetching is not None:
-            try:
-                prefetching.wait()
-            except Exception:
-                pass  # fall back to a load of our own
-            r = cache.loadBefore(oid, tid)
-            if r is not None:
-                return r
-        call = self._load_call(conn, oid, tid)
-        if ahead is not None and prefetching is None:
-            oids = ahead.miss(oid)
-            if oids:
-                self._fetch_ahead(conn, oids)
-        return call.wait()
+        return self._prefetcher.fetch(self._connection(), oid, tid)
 
     def load(self, oid: bytes, version: str = ""):
-        self._speculate(oid)
+        self._prefetcher.loading(oid)
         r = self._cache.load(oid)
         if r is not None:
             return r
-        r = self._load_before(oid, MAXTID)
+        r = self._prefetcher.fetch(self._connection(), oid, MAXTID)
         if r is None:
             raise POSKeyError(oid)
         return r[0], r[1]
 
     def prefetch(self, oids, tid: bytes) -> None:
         """Send a ``loadBefore`` for each uncached oid without waiting for the replies."""
-        conn = self._connection()
-        for oid in oids:
-            if self._cache.loadBefore(oid, tid) is None:
-                self._load_call(conn, oid, tid)
+        self._prefetcher.prefetch(self._connection(), oids, tid)
 
     def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
         return self._call("loadSerial", oid, serial)
