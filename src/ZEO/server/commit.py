@@ -24,8 +24,8 @@ from ZODB.utils import z64
 
 if TYPE_CHECKING:
     from .session import PendingReply
-    from .zeostorage import ZEOStorage
     from .storage_server import StorageState
+    from .zeostorage import ZEOStorage
 
 logger = logging.getLogger("ZEO.StorageServer")
 timeout_logger = logger
