@@ -104,17 +104,6 @@ def test_usage_errors_are_unknown():
         assert option in help_result.stdout
 
 
-@pytest.mark.parametrize("text, addr", [
-    ("[::1]:8100", ("::1", 8100)),
-    ("localhost:8100", ("localhost", 8100)),
-    ("8100", ("127.0.0.1", 8100)),
-    ("/var/run/zeo.sock", "/var/run/zeo.sock"),
-    ("zeo.sock", "zeo.sock"),
-])
-def test_parse_address(text, addr):
-    assert nagios.parse_address(text) == addr
-
-
 def test_format_output():
     assert nagios.format_output(["OK"], []) == "OK"
     assert nagios.format_output(["OK"], ["a=1"]) == "OK|a=1"

@@ -110,15 +110,6 @@ def test_usage_errors(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_parse_server():
-    assert zeopack.parse_server("zeo.example.com:8100") == (("zeo.example.com", 8100), "1")
-    assert zeopack.parse_server("h:8100:main") == (("h", 8100), "main")
-    assert zeopack.parse_server("[::1]:8100:main") == (("::1", 8100), "main")
-    assert zeopack.parse_server("[::1]:8100") == (("::1", 8100), "1")
-    assert zeopack.parse_server("8100") == (("127.0.0.1", 8100), "1")
-    assert zeopack.parse_unix("/run/zeo.sock:main") == ("/run/zeo.sock", "main")
-    assert zeopack.parse_unix("/run/zeo.sock") == ("/run/zeo.sock", "1")
-
 
 def test_pack_time():
     now = time.mktime((2024, 5, 10, 12, 0, 0, 0, 0, -1))

@@ -26,6 +26,8 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test]' || exit 1
 "$PY" -m ruff check src tests benchmarks examples || exit 1
+# Type-check src/ (pyproject.toml's [tool.mypy]): every ``type: ignore`` is checked too.
+"$PY" -m mypy || exit 1
 # The reference ZEO 6.2 venv (for interoperability tests), built once into .cache/.
 "$PY" -c "import sys; sys.path.insert(0, 'tests'); from support.refzeo import ref_python; ref_python()" || exit 1
 "$PY" -m pytest -n "${ZEO_TEST_WORKERS:-2}" -p no:cacheprovider "$@"

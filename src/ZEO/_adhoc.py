@@ -145,7 +145,7 @@ def server(path: str | None = None, blob_dir: str | None = None,
         raise RuntimeError(f"the ZEO server failed to start: {value}")
 
     def stop_process(stop_timeout: float = 99) -> None:
-        if process.is_alive():
+        if process.is_alive() and process.pid is not None:
             os.kill(process.pid, signal.SIGTERM)
         process.join(stop_timeout)
         if process.is_alive():

@@ -22,14 +22,15 @@ import os
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ZODB.utils import p64
 
+from . import address
 from ._usage import UsageError
-from .wire import ConnectionClosed, RemoteError, WireClient, format_address, parse_address, ruok
+from .wire import ConnectionClosed, RemoteError, WireClient, ruok
 
 EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1
@@ -313,7 +314,7 @@ STATUS_COLUMNS = ("connections", "loads", "stores", "commits", "aborts", "confli
                   "active_txns", "waiting", "last-transaction")
 
 
-def table(rows: list[tuple[str, ...]], numeric: bool = False) -> list[str]:
+def table(rows: Sequence[tuple[str, ...]], numeric: bool = False) -> list[str]:
     """``rows`` (the first one the headers) as aligned text lines, two spaces apart; with
     ``numeric``, every column but the first is aligned right.
 
@@ -378,7 +379,7 @@ def convert_args(method: Method, raw: list[str], as_json: bool) -> tuple:
     missing = [p.name for p in params[len(raw):] if p.required]
     if missing:
         raise UsageError(f"{method.name}: missing {', '.join(missing)}: {method.signature}")
-    out = []
+    out: list[Any] = []
     for param, word in zip(params, raw):
         value: Any = word
         if as_json:
@@ -425,7 +426,7 @@ def cmd_list(args: argparse.Namespace, addr: Any, out: TextIO) -> int:
     greeting, status = ruok(addr, args.timeout, _ssl_context(args), args.server_hostname)
     storages = ", ".join(sorted(status)) or "none"
     protocol = greeting.decode("ascii", "replace")
-    out.write(f"ZEO server at {format_address(addr)}: protocol {protocol}, "
+    out.write(f"ZEO server at {address.format(addr)}: protocol {protocol}, "
               f"storages: {storages}\n\n")
     out.write(methods_table() + "\n")
     return EXIT_OK
@@ -453,7 +454,7 @@ def cmd_ping(args: argparse.Namespace, addr: Any, out: TextIO, count: int) -> in
     if args.json:
         out.write(json.dumps({"connect_ms": connect_ms, "rtt_ms": times}) + "\n")
         return EXIT_OK
-    out.write(f"connected to {format_address(addr)} ({client.protocol.decode()}) "  # type: ignore[union-attr]
+    out.write(f"connected to {address.format(addr)} ({client.protocol.decode()}) "  # type: ignore[union-attr]
               f"in {connect_ms:.3f} ms\n")
     for i, ms in enumerate(times, 1):
         out.write(f"ping {i}: {ms:.3f} ms\n")
@@ -488,7 +489,7 @@ def cmd_call(args: argparse.Namespace, addr: Any, out: TextIO, err: TextIO) -> i
     if args.json:
         out.write(json.dumps(to_jsonable(result), indent=2) + "\n")
     elif method.name == "pack":
-        out.write(f"packed storage {args.storage} at {format_address(addr)}\n")
+        out.write(f"packed storage {args.storage} at {address.format(addr)}\n")
     else:
         out.write(format_value(result) + "\n")
     return EXIT_OK
@@ -508,7 +509,7 @@ def cmd_admin(args: argparse.Namespace, out: TextIO) -> int:
     if args.json or not isinstance(reply, (dict, list)):
         out.write(json.dumps(reply, indent=2, sort_keys=True) + "\n")
     elif args.method == "clients":
-        out.write(clients_table(reply) + "\n")
+        out.write(clients_table(reply) + "\n")  # type: ignore[arg-type]
     else:
         out.write(format_value(reply) + "\n")
     return EXIT_OK
@@ -524,7 +525,7 @@ def clients_table(clients: list[dict]) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         raise UsageError(message)
 
 
@@ -564,9 +565,9 @@ def run(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> 
         if args.admin:
             return cmd_admin(args, out)
         try:
-            addr = parse_address(args.address)
-        except ValueError:
-            raise UsageError(f"bad address {args.address!r}")
+            addr = address.parse(args.address)
+        except ValueError as e:
+            raise UsageError(str(e))
         if args.method is None:
             return cmd_list(args, addr, out)
         if args.method == "status":

@@ -15,26 +15,14 @@ import sys
 import time
 from typing import Any
 
+from . import address
+
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 
 LEVEL_METRICS = ("active_txns", "connections", "waiting")
 RATE_METRICS = ("aborts", "commits", "conflicts", "conflicts_resolved", "loads", "stores")
 UNITS = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86400}
 EMPTY_TID = "0" * 16
-
-
-def parse_address(text: str):
-    """``[v6]:port``, ``host:port`` or a port -> ``(host, port)``; anything else is a
-    Unix socket path."""
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]:")
-        return (host, int(port))
-    host, sep, port = text.rpartition(":")
-    if sep and port.isdigit() and "/" not in text:
-        return (host or "127.0.0.1", int(port))
-    if text.isdigit():
-        return ("127.0.0.1", int(text))
-    return text
 
 
 def fetch_status(addr: Any, timeout: float = 10.0) -> dict:
@@ -110,7 +98,7 @@ def check(addr: Any, output_metrics: bool = False, status_path: str | None = Non
             level = max(level, WARNING)
     if not messages:
         messages.append("OK")
-    metrics = []
+    metrics: list[str] = []
     if output_metrics:
         for sid, st in status.items():
             metrics.extend(f"{_prefix(sid)}{name}={st[name]}" for name in LEVEL_METRICS
@@ -146,9 +134,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds to wait for the server's answer (default: 10)")
     args = parser.parse_args(argv)
     try:
-        addr = parse_address(args.address)
-    except ValueError:
-        parser.error(f"bad address {args.address!r}")
+        addr = address.parse(args.address)
+    except ValueError as e:
+        parser.error(str(e))
     sys.exit(check(addr, args.output_metrics, args.status_path, args.time_units,
                    args.timeout))
 

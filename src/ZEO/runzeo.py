@@ -14,12 +14,13 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import ZConfig
 
-from . import zconfig
+from . import address, zconfig
 from ._usage import UsageError
 
 logger = logging.getLogger("ZEO.runzeo")
@@ -123,7 +124,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def load_config(source: str | io.IOBase, overrides: list[str] = (),
+def load_config(source: str | io.IOBase, overrides: Sequence[str] = (),
                 schema_path: str = zconfig.SCHEMA_PATH):
     """Parse a server config (a path/URL or a file object); raise UsageError on errors."""
     try:
@@ -194,12 +195,12 @@ def _limits(z: Any) -> dict:
     return limits
 
 
-def parse_address(text: str):
+def _listen_address(text: str):
     """An ``-a`` value in our address form; raise UsageError when it is not one."""
     from ZConfig.datatypes import SocketBindingAddress
 
     try:
-        return zconfig.address_of(SocketBindingAddress(text))
+        return address.from_zconfig(SocketBindingAddress(text))
     except ValueError as e:
         raise UsageError(f"bad address {text!r}: {_one_line(e)}")
 
@@ -219,7 +220,7 @@ def parse_options(argv: list[str]) -> ServerOptions:
         options = ServerOptions(addresses=[], storages=[],
                                 msgpack=bool(os.environ.get("ZEO_MSGPACK")))
     if args.address:
-        options.addresses = [parse_address(a) for a in args.address]
+        options.addresses = [_listen_address(a) for a in args.address]
     if args.filename:
         options.storages = [
             StorageSpec(str(i), _FileStorageOpener(path), [path])
@@ -369,7 +370,7 @@ def check_address(addr) -> None:
     try:
         infos = socket.getaddrinfo(host or "127.0.0.1", port, type=socket.SOCK_STREAM)
     except OSError as e:
-        raise StartupError(f"bad address {zconfig.format_address(addr)}: {_one_line(e)}")
+        raise StartupError(f"bad address {address.format(addr)}: {_one_line(e)}")
     family, _, _, _, sockaddr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(2)
@@ -377,7 +378,7 @@ def check_address(addr) -> None:
             s.connect(sockaddr)
         except OSError:
             return
-    raise StartupError(f"address {zconfig.format_address(addr)} already in use")
+    raise StartupError(f"address {address.format(addr)} already in use")
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -411,12 +412,13 @@ class ZEOServer:
                                    "pip install prometheus_client (or zeo-ng[metrics])")
         for addr in o.addresses:
             check_address(addr)
-        write_pid = o.pid_filename and not o.read_only
-        if write_pid:
-            check_pid_file(o.pid_filename)
+        pid_filename = o.pid_filename
+        write_pid = pid_filename and not o.read_only
+        if pid_filename and write_pid:
+            check_pid_file(pid_filename)
             # Written before binding: whoever sees the server answer can read its pid.
             try:
-                with open(o.pid_filename, "w") as f:
+                with open(pid_filename, "w") as f:
                     f.write(f"{os.getpid()}\n")
             except OSError as e:
                 raise StartupError(f"cannot write pid file: {_one_line(e)}")
@@ -475,7 +477,7 @@ class ZEOServer:
             ro = o.read_only or storage.isReadOnly()
             parts.append(f"{sid} ({type(storage).__name__} {storage.getName()}, "
                          f"{'RO' if ro else 'RW'})")
-        addresses = ", ".join(zconfig.format_address(a) for a in self.server.addresses)
+        addresses = ", ".join(address.format(a) for a in self.server.addresses)
         timeout = o.transaction_timeout
         return (
             f"zeo-ng {version()} serving {', '.join(parts)} on {addresses}; "
@@ -514,8 +516,8 @@ class ZEOServer:
         loop = self.server.event_loop
         for signum in HANDLED_SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
-        for signum in self._early_signals:
-            loop.call_soon(self._on_signal, signum)
+        for early in self._early_signals:
+            loop.call_soon(self._on_signal, early)
         self._early_signals.clear()
 
     def serve(self) -> int:
@@ -545,7 +547,7 @@ class ZEOServer:
             logger.info("server stopped")
 
     def _remove_pid_file(self) -> None:
-        if self._pid_written:
+        if self._pid_written and self.options.pid_filename:
             self._pid_written = False
             try:
                 os.remove(self.options.pid_filename)

@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import address
 from .protocol import ClientConnection, Greeting, encode_frame, payload_to_exception
 
-Address = tuple[str, int] | str
+Address = address.Address
 
 
 class ConnectionClosed(Exception):
@@ -48,28 +49,6 @@ class RemoteError(Exception):
         else:
             detail = payload
         return f"{self.args[0]}: {detail}"
-
-
-def parse_address(text: str) -> Address:
-    """``host:port``, ``[v6]:port``, ``port`` (127.0.0.1) or a Unix socket path (has a ``/``)."""
-    if "/" in text:
-        return text
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"bad address {text!r}")
-        return (host, int(port))
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return ("127.0.0.1", int(text))
-    return (host or "127.0.0.1", int(port))
-
-
-def format_address(addr: Address) -> str:
-    if isinstance(addr, str):
-        return addr
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def connect(addr: Address, timeout: float = 10.0, ssl: _ssl.SSLContext | None = None,
@@ -191,7 +170,7 @@ class WireClient:
                 if tick is not None:
                     tick()
                 elif deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"no reply from {format_address(self.addr)}")
+                    raise TimeoutError(f"no reply from {address.format(self.addr)}")
         return self._replies.pop(msgid)
 
     def call(self, name: str, *args: Any, tick: Callable[[], None] | None = None) -> Any:

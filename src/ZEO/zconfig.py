@@ -8,12 +8,13 @@ Client side: ``%import ZEO`` then a ``<clientstorage>`` section (datatype
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 from typing import Any
 
 import ZConfig
 import ZODB.config
+
+from . import address
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema.xml")
 ZEOCTL_SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "zeoctl.xml")
@@ -27,24 +28,6 @@ def load_schema(path: str = SCHEMA_PATH):
     if schema is None:
         schema = _schemas[path] = ZConfig.loadSchema(path)
     return schema
-
-
-def address_of(value: Any) -> tuple[str, int] | str:
-    """Our address form for a ZConfig socket address: ``(host, port)`` or a socket path."""
-    if value.family == getattr(socket, "AF_UNIX", None):
-        return value.address
-    host, port = value.address[:2]
-    return (host, port)
-
-
-def format_address(addr: Any) -> str:
-    """``host:port`` (``[v6]:port``) for a TCP address, the path for a Unix socket."""
-    if isinstance(addr, str):
-        return addr
-    host, port = addr[:2]
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 def _password_function(name: str | None):
@@ -104,7 +87,7 @@ def client_ssl_context(section: Any) -> tuple[ssl.SSLContext, str | None]:
 def zeo_section(section: Any) -> Any:
     """Datatype of the server's ``<zeo>``: adds ``addresses`` (our address forms) and
     ``ssl_context`` (an :class:`ssl.SSLContext` or None); the other keys stay as parsed."""
-    section.addresses = [address_of(a) for a in section.address]
+    section.addresses = [address.from_zconfig(a) for a in section.address]
     section.ssl_context = server_ssl_context(section.ssl) if section.ssl is not None else None
     if getattr(section, "authorization", None) is not None and section.ssl is None:
         raise ZConfig.DataConversionError(
@@ -124,7 +107,7 @@ class ClientStorageConfig(ZODB.config.BaseConfig):
     def client_arguments(self) -> tuple[list, dict[str, Any]]:
         """``(addresses, keyword arguments)`` for ClientStorage, from the section."""
         c = self.config
-        addresses = [address_of(a) for a in c.server]
+        addresses = [address.from_zconfig(a) for a in c.server]
         kw: dict[str, Any] = dict(
             storage=c.storage,
             cache_size=c.cache_size,

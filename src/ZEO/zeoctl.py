@@ -59,7 +59,7 @@ class ZEOCtlOptions(zdctl.ZDCtlOptions):
     def realize(self, *args, **kw) -> None:
         kw.setdefault("doc", USAGE)
         super().realize(*args, **kw)
-        if not self.zdrun:
+        if not getattr(self, "zdrun", None):  # set by realize() from the config
             self.zdrun = ZDRUN
 
 

@@ -49,14 +49,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import io
 import logging
 import os
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import zc.lockfile
 import ZODB.blob
@@ -231,7 +230,7 @@ class BlobCache(BlobStore):
         self.size = size
         self.check_bytes = (size * check // 100) if size is not None else 0
         self.target = (size - self.check_bytes) if size is not None else None
-        self._downloads: dict[tuple[bytes, bytes], tuple[io.BufferedWriter, str]] = {}
+        self._downloads: dict[tuple[bytes, bytes], tuple[BinaryIO, str]] = {}
         self._downloads_lock = threading.Lock()
         self._added = 0
         self._prune_lock = threading.Lock()

@@ -501,6 +501,8 @@ def _unpack_header(buf: bytes | memoryview) -> tuple | None:
 class PersistentClientCache(ClientCache):
     """A ClientCache whose records live in a file (see the module docstring for the format)."""
 
+    path: str
+
     def __init__(
         self, path: Any = None, size: int = 20 * 1024 * 1024, rearrange: float = 0.8
     ) -> None:
@@ -893,7 +895,7 @@ class PersistentClientCache(ClientCache):
         with self._lock:
             r = self._current.get(oid)
             data = None if r is None else self._read(r)
-            if data is None:
+            if r is None or data is None:
                 self._misses += 1
                 if self._trace_file is not None:
                     self._trace(TRACE_LOAD_MISS, oid, None, None, 0)
@@ -911,7 +913,7 @@ class PersistentClientCache(ClientCache):
             if r is None or r.start >= before_tid:
                 r = self._find_noncurrent(oid, before_tid)
             data = None if r is None else self._read(r)
-            if data is None:
+            if r is None or data is None:
                 self._misses += 1
                 if self._trace_file is not None:
                     self._trace(TRACE_LOAD_BEFORE_MISS, oid, before_tid, None, 0)

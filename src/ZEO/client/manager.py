@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from ZODB.POSException import ReadOnlyError
 
+from ZEO import address
 from ZEO.Exceptions import ClientDisconnected
 
 from .connection import Connection, Handler
@@ -79,28 +80,6 @@ class ManagedStorage(Handler, Protocol):
         """Make ``conn`` the live connection; ``info`` is the server's ``get_info``."""
 
 
-def normalize_addresses(addr: Any) -> list:
-    """``addr`` as a list of ``(host, port)`` tuples and Unix socket paths (zeo-facts §3.1)."""
-    if isinstance(addr, list):
-        items = addr
-    else:
-        items = [addr]
-    out: list = []
-    for a in items:
-        if isinstance(a, int):
-            out.append(("127.0.0.1", a))
-        elif isinstance(a, str):
-            out.append(a)
-        elif isinstance(a, tuple) and len(a) == 2:
-            host, port = a
-            out.append((host or "127.0.0.1", int(port)))
-        else:
-            raise ValueError(f"bad ZEO address {a!r}")
-    if not out:
-        raise ValueError("no ZEO address given")
-    return out
-
-
 class ConnectionManager:
     """Keeps ``storage`` connected; see the module docstring."""
 
@@ -140,7 +119,7 @@ class ConnectionManager:
             self._wake.notify_all()
 
     def new_addr(self, addr: Any) -> None:
-        self.addresses = normalize_addresses(addr)
+        self.addresses = address.normalize(addr)
         self.wake()
 
     # -- the thread ------------------------------------------------------------------------

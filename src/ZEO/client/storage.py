@@ -30,13 +30,14 @@ from ZODB.POSException import (
 )
 from ZODB.utils import z64
 
+from ZEO import address
 from ZEO.Exceptions import ClientDisconnected
 from ZEO.interfaces import StaleCache
 
 from .blob import BlobStore, open_blob_store
 from .cache import ClientCache
 from .connection import Connection
-from .manager import ConnectionManager, Registration, RegistrationFailed, normalize_addresses
+from .manager import ConnectionManager, Registration, RegistrationFailed
 from .prefetch import MAXTID, Prefetcher
 
 logger = logging.getLogger("ZEO.ClientStorage")
@@ -138,7 +139,7 @@ class ClientStorage(ConflictResolvingStorage):
         read_ahead: int = 64,
     ) -> None:
         self._addr = addr
-        addresses = normalize_addresses(addr)
+        addresses = address.normalize(addr)
         self.__name__ = name or str(addr)
         self._storage_id = storage
         self._read_only = bool(read_only)
@@ -700,7 +701,9 @@ class ClientStorage(ConflictResolvingStorage):
         """Store the record, then upload the blob file now (before the vote)."""
         blobs = self._blob_store()
         self.store(oid, serial, data, version, txn)
-        blobs.store(self._txn_conn.call_oneway, oid, serial or z64, data, blobfilename,
+        conn = self._txn_conn
+        assert conn is not None  # store() checked the transaction
+        blobs.store(conn.call_oneway, oid, serial or z64, data, blobfilename,
                     id(txn))
 
     def _send_blob(self, oid: bytes, serial: bytes) -> None:

@@ -137,10 +137,10 @@ _NEST_OPCODES = b")]}\x8f\x85\x86\x87tld\x91"
 _STEPS = [_UNKNOWN] * 256
 for _code, _step in OPCODE_STEPS.items():
     _STEPS[_code[0]] = _step + _CALL if _code in _CALL_OPCODES else _step
-for _code in _NEST_OPCODES:
-    _STEPS[_code] = _NEST
+for _nest in _NEST_OPCODES:
+    _STEPS[_nest] = _NEST
 _STEPS[ord("2")] = _DUP  # no pickler writes DUP; a message may not share a stack item
-del _code, _step
+del _code, _step, _nest
 
 
 def _walk_pickle(payload: bytes, memo_limit: int | None, one: bool) -> int:

@@ -26,8 +26,8 @@ class FrameTooLarge(RemoteProtocolError):
 def peer_repr(value: object, limit: int = 200) -> str:
     """``repr(value)`` cut to about ``limit`` characters, for log lines and error texts that
     name what a peer sent (a 10 MB label must not be written on every line)."""
-    if type(value) in (str, bytes) and len(value) > limit:  # type: ignore[arg-type]
-        return f"{value[:limit]!r}... ({len(value)} long)"  # type: ignore[index]
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} long)"
     try:
         text = repr(value)
     except Exception as e:  # a decoded value never fails; anything else may

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+from .. import address
 from .._usage import UsageError
 
 logger = logging.getLogger("ZEO.scripts.zeopack")
@@ -23,24 +24,18 @@ logger = logging.getLogger("ZEO.scripts.zeopack")
 
 def parse_server(text: str) -> tuple[Any, str]:
     """``host:port[:name]``, ``[v6]:port[:name]`` or ``port[:name]`` -> (address, name)."""
-    try:
-        if text.startswith("["):
-            host, sep, rest = text[1:].partition("]:")
-            if not sep:
-                raise ValueError
-            port, _, name = rest.partition(":")
-            return (host, int(port)), name or "1"
-        parts = text.split(":")
-        if len(parts) == 1:
-            return ("127.0.0.1", int(parts[0])), "1"
-        if len(parts) == 2:
-            if parts[1].isdigit():
-                return (parts[0] or "127.0.0.1", int(parts[1])), "1"
-            return ("127.0.0.1", int(parts[0])), parts[1]
-        if len(parts) == 3:
-            return (parts[0] or "127.0.0.1", int(parts[1])), parts[2] or "1"
-    except ValueError:
-        pass
+    head, sep, name = text.rpartition(":")
+    if sep and name and not name.isdigit() and not name.endswith("]"):
+        candidates = [(head, name), (text, "1")]  # "h:8100:main", or "8100:main"
+    else:
+        candidates = [(text, "1")]
+    for addr_text, storage in candidates:
+        try:
+            addr = address.parse(addr_text)
+        except ValueError:
+            continue
+        if not isinstance(addr, str):
+            return addr, storage
     raise UsageError(f"bad server address {text!r}: use host:port[:name]")
 
 
@@ -75,17 +70,11 @@ def pack_time(days: float, time_of_day: str | None, now: float | None = None) ->
     return t - days * 86400
 
 
-def _format(addr: Any) -> str:
-    if isinstance(addr, str):
-        return addr
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
-
-
 def pack_one(addr: Any, name: str, t: float, timeout: float) -> str | None:
     """Pack storage ``name`` at ``addr`` to time ``t``; return an error message or None."""
     from ZEO.ClientStorage import ClientStorage
 
-    where = f"{_format(addr)} (storage {name!r})"
+    where = f"{address.format(addr)} (storage {name!r})"
     try:
         cs = ClientStorage(addr, storage=name, read_only=True, wait=False)
     except Exception as e:

@@ -272,6 +272,7 @@ class OidCounterGuard:
         storage = self.storage
         if not self.enabled or oid <= storage._oid:  # the counter only grows meanwhile
             return call(*args)
+        assert self.lock is not None  # enabled
         with self.lock:
             before = storage._oid
             result = call(*args)
@@ -285,6 +286,7 @@ class OidCounterGuard:
         if not raises or not self.enabled:
             return
         storage = self.storage
+        assert self.lock is not None  # enabled
         with self.lock:
             counter = storage._oid
             for before, after in reversed(raises):
@@ -351,7 +353,8 @@ class CommitPath:
         txn.move_to(TxnPhase.VOTING)
         txn.locked_at = time.time()
         self.lock_granted_at = time.monotonic()
-        self.lock_wait_seconds += self.lock_granted_at - txn.vote_started_at
+        self.lock_wait_seconds += self.lock_granted_at - (txn.vote_started_at
+                                                          or self.lock_granted_at)
         timeout = self.server.transaction_timeout
         if timeout:
             txn.timeout_handle = self.call_later(timeout, self._timed_out, api, txn,
@@ -536,8 +539,8 @@ class CommitPath:
             reply.fail(result)
             return
         tid = result
-        oids = list(dict.fromkeys(txn.invalidated))
-        if not self.state.record(tid, oids):
+        oids: list[bytes] | None = list(dict.fromkeys(txn.invalidated))
+        if not self.state.record(tid, oids):  # type: ignore[arg-type]
             oids = None  # a tid not after the last one: not broadcast (record() logged it)
         self.state.stats_commits += 1
         # Release first: the next vote runs now and its reply leaves before the broadcast

@@ -94,10 +94,10 @@ class _ServerCollector:
                 family.add_metric([sid], st.get(key, 0))
             yield family
         for key, name, doc in _GAUGES:
-            family = GaugeMetricFamily(name, doc, labels=["storage"])
+            gauge = GaugeMetricFamily(name, doc, labels=["storage"])
             for sid, st in storages.items():
-                family.add_metric([sid], st.get(key, 0))
-            yield family
+                gauge.add_metric([sid], st.get(key, 0))
+            yield gauge
         last = GaugeMetricFamily("zeo_last_transaction_timestamp_seconds",
                                  "Time of the storage's last committed transaction.",
                                  labels=["storage"])
@@ -163,9 +163,13 @@ class MetricsExporter:
         if self.server.observer is self:
             self.server.observer = None
         httpd = self._httpd
+
+        def stop() -> None:
+            httpd.shutdown()
+            httpd.server_close()
+
         # shutdown() waits for serve_forever to return: do it off the caller's thread.
-        threading.Thread(target=lambda: (httpd.shutdown(), httpd.server_close()),
-                         name="zeo-metrics-stop", daemon=True).start()
+        threading.Thread(target=stop, name="zeo-metrics-stop", daemon=True).start()
 
 
 class _QuietHandler(WSGIRequestHandler):

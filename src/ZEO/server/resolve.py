@@ -148,7 +148,8 @@ class ConflictResolver:
         committed_data = committed_data or storage.loadSerial(oid, committed_serial)
         old_state = self._state(untransform(old_data), refs)
         committed_state = self._state(untransform(committed_data), refs)
-        resolved = instance._p_resolveConflict(old_state, committed_state, new_state)
+        resolve = instance._p_resolveConflict  # type: ignore[attr-defined]
+        resolved = resolve(old_state, committed_state, new_state)
         out = io.BytesIO()
         pickler = PersistentPickler(persistent_id, out, _protocol)
         pickler.dump(meta)

@@ -26,6 +26,7 @@ from ZODB.serialize import referencesf
 from ZODB.utils import p64, u64, z64
 from zope.interface import providedBy
 
+from .. import address
 from ..protocol.framing import DEFAULT_MAX_MESSAGE_SIZE
 from .commit import CommitPath
 from .resolve import ClassAllowList, ConflictResolver
@@ -267,8 +268,12 @@ class StorageState:
 
     def pack(self, t: float) -> asyncio.Future:
         fut = self.loop.run_in_executor(None, self._pack, t)
-        fut.add_done_callback(lambda f: f.exception() or self.send_info(self.sessions))
+        fut.add_done_callback(self._packed)
         return fut
+
+    def _packed(self, fut: asyncio.Future) -> None:
+        if fut.exception() is None:  # the new length and size, to every client
+            self.send_info(self.sessions)
 
     def _pack(self, t: float) -> None:
         logger.info("packing storage %r to %s", self.storage_id, t)
@@ -339,25 +344,6 @@ def _tid_time(tid: bytes) -> float:
     from persistent.TimeStamp import TimeStamp
 
     return TimeStamp(tid).timeTime()
-
-
-def _normalize_addresses(addr: Any) -> list[Any]:
-    if isinstance(addr, list):
-        addrs = addr
-    else:
-        addrs = [addr]
-    out = []
-    for a in addrs:
-        if isinstance(a, int):
-            a = ("127.0.0.1", a)
-        elif isinstance(a, (tuple, list)):
-            a = (a[0], int(a[1]))
-        elif not isinstance(a, str):
-            raise ValueError(f"bad server address {a!r}")
-        out.append(a)
-    if not out:
-        raise ValueError("no server address")
-    return out
 
 
 def remove_stale_unix_socket(path: str, what: str = "address") -> None:
@@ -480,7 +466,7 @@ class StorageServer:
         self.closed_bytes_in = 0  # traffic of sessions that have closed
         self.closed_bytes_out = 0
         try:
-            for a in _normalize_addresses(addr):
+            for a in address.normalize(addr, binding=True):
                 self._listen(a)
         except BaseException:
             for listener in self._listeners:
@@ -503,7 +489,7 @@ class StorageServer:
         factory = lambda: Session(self)
         if isinstance(a, str):
             remove_stale_unix_socket(a)
-            listener = loop.run_until_complete(
+            listener: asyncio.Server = loop.run_until_complete(
                 loop.create_unix_server(factory, a, ssl=self.ssl)
             )
             self._unix_paths.append(a)
@@ -524,7 +510,7 @@ class StorageServer:
                                  else f"{host}:{port}")
 
     def _tcp_listener(self, factory: Callable[[], Session], host: str | None,
-                      port: int) -> asyncio.AbstractServer:
+                      port: int) -> asyncio.Server:
         """Listen on ``host:port``; with no host (every interface, IPv4 and IPv6) and port 0,
         on one port for both families: the kernel would pick a port for each."""
         loop = self.event_loop

@@ -358,7 +358,7 @@ class ZEOStorage:
                                      status)
         self.state.stats_active_txns += 1  # type: ignore[union-attr]
 
-    def storea(self, oid: bytes, serial: bytes, data: bytes, txn_id: Any) -> None:
+    def storea(self, oid: bytes, serial: bytes, data: Any, txn_id: Any) -> None:
         txn = self._writable_txn(txn_id, oid, serial)
         data = _record_data(data)
         self.state.stats_stores += 1  # type: ignore[union-attr]
@@ -427,7 +427,7 @@ class ZEOStorage:
                 f"transaction sends more than {limit} bytes (max-transaction-size)")
         self._blob_upload[0].write(chunk)
 
-    def storeBlobEnd(self, oid: bytes, serial: bytes, data: bytes, txn_id: Any) -> None:
+    def storeBlobEnd(self, oid: bytes, serial: bytes, data: Any, txn_id: Any) -> None:
         if self._blob_upload is None:
             raise StorageTransactionError("storeBlobEnd without storeBlobStart")
         f, path = self._blob_upload
