@@ -7,9 +7,17 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+# The server fixtures, one family:
+#   make_server            in-process StorageServers (own loop thread, real sockets)
+#   make_server_process    runzeo processes, ours or the reference ZEO's
+#   server_process         one runzeo process of ours on a FileStorage
+# Modules that need a server of another shape (module scope, parametrized by kind) build it
+# with tests/support/servers.py's start_server and stop it themselves.
+
+
 @pytest.fixture
 def make_server(tmp_path):
-    """Start in-process StorageServers (own loop thread, real sockets); closed after the test.
+    """Start in-process StorageServers; closed after the test.
 
     ``make_server(addr=..., storages=..., **StorageServer options)``; the default storage is a
     FileStorage named ``"1"`` in ``tmp_path``.
@@ -31,6 +39,39 @@ def make_server(tmp_path):
     yield make
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def make_server_process(tmp_path):
+    """Start ``runzeo`` processes; stopped after the test.
+
+    ``make_server_process(kind="ours", zeo_extra="", name="s", addr=None, storage_conf=None,
+    blobs=False, env=None)``: ``kind`` is "ours" or "ref" (ZEO 6.2); the default storage is a
+    FileStorage ``tmp_path/<name>.fs`` (with a blob directory when ``blobs``).  The server's
+    files are in ``tmp_path/<name>``.
+    """
+    from support.servers import filestorage_conf, start_server
+
+    servers = []
+
+    def make(kind="ours", zeo_extra="", name="s", addr=None, storage_conf=None, blobs=False,
+             env=None):
+        if storage_conf is None:
+            storage_conf = filestorage_conf(tmp_path / f"{name}.fs",
+                                            blob_dir=tmp_path / f"{name}-blobs" if blobs else None)
+        srv = start_server(kind, tmp_path / name, storage_conf, zeo_extra, addr=addr, env=env)
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture
+def server_process(make_server_process):
+    """One ``runzeo`` process of ours serving a FileStorage named "1"."""
+    return make_server_process()
 
 
 @pytest.fixture

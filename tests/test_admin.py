@@ -24,14 +24,8 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture
-def server(tmp_path):
-    admin = str(tmp_path / "admin.sock")
-    srv = StorageServer(("127.0.0.1", 0), {"1": FileStorage(str(tmp_path / "Data.fs"))},
-                        admin_socket=admin)
-    thread = srv.start_thread()
-    yield srv
-    srv.close()
-    thread.join(30)
+def server(make_server, tmp_path):
+    return make_server(admin_socket=str(tmp_path / "admin.sock"))
 
 
 def connect(srv, label=None):

@@ -19,7 +19,6 @@ import ZODB.config
 from ZODB.Connection import TransactionMetaData
 from ZODB.utils import p64
 
-from support.servers import filestorage_conf, start_server
 from ZEO.client.blob import BlobCache, cached_files, prune
 from ZEO.ClientStorage import ClientStorage, check_blob_size_script
 
@@ -28,11 +27,8 @@ KiB = 1024
 
 
 @pytest.fixture
-def server(tmp_path: Path):
-    proc = start_server("ours", tmp_path / "server",
-                        filestorage_conf(tmp_path / "Data.fs", blob_dir=tmp_path / "server-blobs"))
-    yield proc
-    proc.stop()
+def server(make_server_process):
+    return make_server_process(blobs=True)
 
 
 def _content(i: int, size: int) -> bytes:
@@ -55,7 +51,7 @@ def test_blob_is_on_the_server_before_the_vote(server, tmp_path: Path) -> None:
     """storeBlob streams at once, so the commit lock is never held while bytes travel."""
     storage = ClientStorage(server.addr, blob_dir=str(tmp_path / "cache"))
     try:
-        server_tmp = tmp_path / "server-blobs" / "tmp"
+        server_tmp = tmp_path / "s-blobs" / "tmp"
         before = set(os.listdir(server_tmp)) if server_tmp.exists() else set()
         payload = b"x" * (300 * KiB)
         blob_file = tmp_path / "upload"
@@ -203,7 +199,7 @@ def test_client_config_reaches_the_blob_cache(server, tmp_path: Path) -> None:
     finally:
         storage.close()
     with pytest.raises(ValueError, match="layout"):
-        ClientStorage(server.addr, blob_dir=str(tmp_path / "server-blobs"))
+        ClientStorage(server.addr, blob_dir=str(tmp_path / "s-blobs"))
 
 
 WORKER = textwrap.dedent(r"""

@@ -19,7 +19,7 @@ from ZODB.POSException import POSKeyError, ReadOnlyError
 from ZODB.utils import p64, z64
 
 import ZEO
-from support.servers import filestorage_conf, free_port, start_server
+from support.servers import free_port
 from support.waiting import wait_until
 from ZEO.ClientStorage import ClientStorage
 from ZEO.Exceptions import ClientDisconnected
@@ -29,33 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 
 KINDS = ["ref", "ours"]
 CODECS = {"pickle": "", "msgpack": "msgpack true"}
-
-
-@pytest.fixture
-def make_server(tmp_path):
-    """``make_server(kind, zeo_extra="", name="s", addr=None)`` → a started ServerProcess."""
-    servers = []
-
-    def make(kind, zeo_extra="", name="s", addr=None):
-        d = tmp_path / name
-        srv = start_server(kind, d, filestorage_conf(tmp_path / f"{name}.fs"), zeo_extra,
-                           addr=addr)
-        servers.append(srv)
-        return srv
-
-    yield make
-    for srv in servers:
-        stop(srv)
-
-
-def stop(srv) -> None:
-    """Stop a server process; the reference one is killed outright, because ZEO 6.2 often
-    misses a SIGTERM that lands while it handles a client disconnect (zeo-facts §11)."""
-    if "zeo-ref" in srv.argv[0]:
-        srv.proc.kill()
-    srv.stop(timeout=10)
-
-
 
 
 @pytest.fixture(params=KINDS)
@@ -88,8 +61,8 @@ def read_value(db, key, convert=lambda v: v):
         conn.close()
 
 
-def test_open_commit_reopen(make_server, closing, kind, codec):
-    srv = make_server(kind, CODECS[codec])
+def test_open_commit_reopen(make_server_process, closing, kind, codec):
+    srv = make_server_process(kind, CODECS[codec])
     db = closing(ZEO.DB(srv.addr))
     assert db.storage.is_connected()
     assert db.storage.protocol_version == (b"M5" if codec == "msgpack" else b"Z5")
@@ -106,8 +79,8 @@ def test_open_commit_reopen(make_server, closing, kind, codec):
     assert db2.storage.sortKey().startswith("1:")
 
 
-def test_invalidations_reach_the_other_client(make_server, closing, kind, codec):
-    srv = make_server(kind, CODECS[codec])
+def test_invalidations_reach_the_other_client(make_server_process, closing, kind, codec):
+    srv = make_server_process(kind, CODECS[codec])
     db1 = closing(ZEO.DB(srv.addr))
     db2 = closing(ZEO.DB(srv.addr))
     commit_value(db1, "x", 1)
@@ -128,8 +101,8 @@ def test_invalidations_reach_the_other_client(make_server, closing, kind, codec)
     assert db2.storage._cache.load(z64)[1] == tid
 
 
-def test_load_before_and_history(make_server, closing, kind):
-    srv = make_server(kind)
+def test_load_before_and_history(make_server_process, closing, kind):
+    srv = make_server_process(kind)
     db = closing(ZEO.DB(srv.addr))
     t1 = commit_value(db, "x", 1)
     t2 = commit_value(db, "x", 2)
@@ -144,8 +117,8 @@ def test_load_before_and_history(make_server, closing, kind):
         st.load(p64(12345))
 
 
-def test_prefetch_fills_the_cache(make_server, closing, kind):
-    srv = make_server(kind)
+def test_prefetch_fills_the_cache(make_server_process, closing, kind):
+    srv = make_server_process(kind)
     db = closing(ZEO.DB(srv.addr))
     tm = transaction.TransactionManager()
     conn = db.open(tm)
@@ -167,8 +140,8 @@ def test_prefetch_fills_the_cache(make_server, closing, kind):
     assert st.server_status()["loads"] == loads + len(oids)
 
 
-def test_identical_loads_are_collapsed(make_server, closing, kind):
-    srv = make_server(kind)
+def test_identical_loads_are_collapsed(make_server_process, closing, kind):
+    srv = make_server_process(kind)
     st = closing(ClientStorage(srv.addr))
     conn = st._conn
     release = threading.Event()
@@ -188,8 +161,8 @@ def test_identical_loads_are_collapsed(make_server, closing, kind):
         b.wait(10)
 
 
-def test_new_oids_are_ascending_and_unique(make_server, closing, kind):
-    srv = make_server(kind)
+def test_new_oids_are_ascending_and_unique(make_server_process, closing, kind):
+    srv = make_server_process(kind)
     st = closing(ClientStorage(srv.addr))
     oids = [st.new_oid() for _ in range(150)]
     assert oids == sorted(oids) and len(set(oids)) == 150
@@ -205,8 +178,8 @@ def test_never_connected_and_wait_timeout(closing):
         ClientStorage(addr, wait_timeout=0.3)
 
 
-def test_pending_call_fails_when_server_dies(make_server, closing, kind):
-    srv = make_server(kind)
+def test_pending_call_fails_when_server_dies(make_server_process, closing, kind):
+    srv = make_server_process(kind)
     st = closing(ClientStorage(srv.addr, wait_timeout=1))
     srv.send_signal(signal.SIGSTOP)
     result = []
@@ -228,8 +201,9 @@ def test_pending_call_fails_when_server_dies(make_server, closing, kind):
     wait_until(lambda: not st.is_connected(), what="disconnect noticed")
 
 
-def test_disconnect_poisons_transaction_then_reconnects(make_server, closing, kind, tmp_path):
-    srv = make_server(kind)
+def test_disconnect_poisons_transaction_then_reconnects(make_server_process, closing, kind,
+                                                        tmp_path):
+    srv = make_server_process(kind)
     db = closing(ZEO.DB(srv.addr, wait_timeout=20))
     commit_value(db, "x", 1)
     st = db.storage
@@ -239,23 +213,23 @@ def test_disconnect_poisons_transaction_then_reconnects(make_server, closing, ki
     meta = TransactionMetaData()
     st.tpc_begin(meta)
     st.store(st.new_oid(), z64, b"data", "", meta)
-    stop(srv)
+    srv.stop()
     wait_until(lambda: not st.is_connected(), what="disconnect")
     with pytest.raises(ClientDisconnected):
         st.tpc_vote(meta)
     st.tpc_abort(meta)
     txn.abort()
 
-    srv2 = make_server(kind, addr=srv.addr, name="s")  # same file, same address
+    srv2 = make_server_process(kind, addr=srv.addr, name="s")  # same file, same address
     wait_until(st.is_connected, timeout=20, what="reconnect")
     assert read_value(db, "x") == 1
     commit_value(db, "x", 3)
     assert read_value(db, "x") == 3
-    stop(srv2)
+    srv2.stop()
 
 
-def test_read_only(make_server, closing, kind):
-    srv = make_server(kind)
+def test_read_only(make_server_process, closing, kind):
+    srv = make_server_process(kind)
     db = closing(ZEO.DB(srv.addr))
     commit_value(db, "x", 1)
     ro = closing(ClientStorage(srv.addr, read_only=True))
@@ -268,17 +242,17 @@ def test_read_only(make_server, closing, kind):
         ro.new_oid()
     assert ro.load(z64)[1] == db.storage.lastTransaction()
 
-    ro_srv = make_server(kind, "read-only true", name="ro")
+    ro_srv = make_server_process(kind, "read-only true", name="ro")
     with pytest.raises(ClientDisconnected):
         ClientStorage(ro_srv.addr, wait_timeout=0.5)
     fb = closing(ClientStorage(ro_srv.addr, read_only_fallback=True))
     assert fb.isReadOnly()
 
 
-def test_cache_verification_after_disconnect(make_server, closing, kind, monkeypatch):
+def test_cache_verification_after_disconnect(make_server_process, closing, kind, monkeypatch):
     """Changes made while a client was away: a covered gap invalidates just those oids, a gap
     beyond the server's invalidation queue drops the cache and publishes StaleCache."""
-    srv = make_server(kind, "invalidation-queue-size 2")
+    srv = make_server_process(kind, "invalidation-queue-size 2")
     writer = closing(ZEO.DB(srv.addr))
     tm = transaction.TransactionManager()
     c = writer.open(tm)
@@ -317,8 +291,8 @@ def test_cache_verification_after_disconnect(make_server, closing, kind, monkeyp
     assert st.load(oid_a)[1] == writer.storage.lastTransaction()
 
 
-def test_zodb_db_uses_client_as_is(make_server, closing, kind):
-    srv = make_server(kind)
+def test_zodb_db_uses_client_as_is(make_server_process, closing, kind):
+    srv = make_server_process(kind)
     st = ClientStorage(srv.addr)
     db = closing(ZODB.DB(st))
     conn = db.open()
@@ -337,11 +311,11 @@ def test_zodb_db_uses_client_as_is(make_server, closing, kind):
     conn.close()
 
 
-def test_unix_socket_and_address_list(make_server, closing, kind, tmp_path):
+def test_unix_socket_and_address_list(make_server_process, closing, kind, tmp_path):
     import ZODB.interfaces
 
     path = str(tmp_path / "zeo.sock")
-    make_server(kind, addr=path)
+    make_server_process(kind, addr=path)
     dead = ("127.0.0.1", free_port())
     st = closing(ClientStorage([dead, path]))  # the dead address is skipped
     assert st.is_connected() and st._server_addr == path

@@ -119,10 +119,8 @@ def test_no_stale_read_no_lost_commit(tmp_path, name):
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = start_server("ours", tmp_path / "srv", filestorage_conf(tmp_path / "Data.fs"))
-    yield s
-    s.stop()
+def server(server_process):
+    return server_process
 
 
 def test_pending_call_fails_at_once_when_the_connection_drops(server):

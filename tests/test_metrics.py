@@ -20,13 +20,8 @@ MAXTID = p64(2**63 - 1)
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = StorageServer(("127.0.0.1", 0), {"1": FileStorage(str(tmp_path / "Data.fs"))},
-                        metrics_address=("127.0.0.1", 0))
-    thread = srv.start_thread()
-    yield srv
-    srv.close()
-    thread.join(30)
+def server(make_server):
+    return make_server(metrics_address=("127.0.0.1", 0))
 
 
 def scrape(srv) -> dict:

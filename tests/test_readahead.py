@@ -10,7 +10,6 @@ import transaction
 from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
 
-from support.servers import filestorage_conf, start_server
 from ZEO.client.readahead import PrefetchFeedback, ReadAhead
 from ZEO.ClientStorage import ClientStorage
 
@@ -113,10 +112,8 @@ def test_concurrent_reach_of_one_mark_asks_once() -> None:
 
 
 @pytest.fixture(params=["ours", "ref"])
-def server(request, tmp_path):
-    srv = start_server(request.param, tmp_path / "server", filestorage_conf(tmp_path / "Data.fs"))
-    yield srv
-    srv.stop()
+def server(request, make_server_process):
+    return make_server_process(request.param)
 
 
 def _commit_objects(addr, count: int) -> list[bytes]:

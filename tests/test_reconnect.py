@@ -24,10 +24,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = start_server("ours", tmp_path / "srv", filestorage_conf(tmp_path / "Data.fs"))
-    yield s
-    s.stop()
+def server(server_process):
+    return server_process
 
 
 @pytest.fixture

@@ -70,24 +70,16 @@ def client_context(certs: Path, who: str | None = "alice", ca: str = "ca.pem"
 
 
 @pytest.fixture
-def make_server(tmp_path):
-    """``make_server(kind="ours", tls=True, unix=False)`` → a started ServerProcess."""
-    servers = []
+def make_tls_server(make_server_process, tmp_path):
+    """``make_tls_server(certs, kind="ours", unix=False)``: a server with TLS (none when
+    ``certs`` is None)."""
 
     def make(certs: Path | None, kind: str = "ours", unix: bool = False, name: str = "s"):
-        d = tmp_path / name
         addr = str(tmp_path / f"{name}.sock") if unix else None
-        extra = server_ssl(certs) if certs is not None else ""
-        srv = start_server(kind, d, filestorage_conf(tmp_path / f"{name}.fs"), extra,
-                           addr=addr)
-        servers.append(srv)
-        return srv
+        return make_server_process(kind, server_ssl(certs) if certs is not None else "",
+                                   name=name, addr=addr)
 
-    yield make
-    for srv in servers:
-        srv.stop()
-
-
+    return make
 
 
 def commit_and_read(storage_factory, closing) -> None:
@@ -103,15 +95,15 @@ def commit_and_read(storage_factory, closing) -> None:
 # -- a verified client gets in -----------------------------------------------------------
 
 @pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
-def test_verified_client_commits_and_loads(certs, make_server, closing, unix):
-    srv = make_server(certs, unix=unix)
+def test_verified_client_commits_and_loads(certs, make_tls_server, closing, unix):
+    srv = make_tls_server(certs, unix=unix)
     commit_and_read(lambda: ClientStorage(
         srv.addr, ssl=client_context(certs), ssl_server_hostname="localhost" if unix else None,
         wait_timeout=30), closing)
 
 
-def test_client_config_ssl_section(certs, make_server, closing):
-    srv = make_server(certs)
+def test_client_config_ssl_section(certs, make_tls_server, closing):
+    srv = make_tls_server(certs)
     host, port = srv.addr
     conf = f"""
         %import ZEO
@@ -128,15 +120,15 @@ def test_client_config_ssl_section(certs, make_server, closing):
     commit_and_read(lambda: ZODB.config.storageFromString(conf), closing)
 
 
-def test_server_hostname_is_checked(certs, make_server, closing):
-    srv = make_server(certs)
+def test_server_hostname_is_checked(certs, make_tls_server, closing):
+    srv = make_tls_server(certs)
     with pytest.raises(TLSError, match="did not verify.*(mismatch|match)"):
         closing(ClientStorage(srv.addr, ssl=client_context(certs),
                               ssl_server_hostname="db.example.com"))
 
 
-def test_unix_socket_needs_a_hostname_to_check(certs, make_server):
-    srv = make_server(certs, unix=True)
+def test_unix_socket_needs_a_hostname_to_check(certs, make_tls_server):
+    srv = make_tls_server(certs, unix=True)
     with pytest.raises(TLSError, match="ssl_server_hostname"):
         ClientStorage(srv.addr, ssl=client_context(certs))
 
@@ -148,8 +140,8 @@ def test_unix_socket_needs_a_hostname_to_check(certs, make_server):
     ("stranger", "ca.pem"),      # a client certificate from a CA the server does not trust
     ("expired", "ca.pem"),       # a client certificate past its not_after
 ], ids=["no-cert", "wrong-ca", "expired"])
-def test_server_refuses_client(certs, make_server, closing, who, ca):
-    srv = make_server(certs)
+def test_server_refuses_client(certs, make_tls_server, closing, who, ca):
+    srv = make_tls_server(certs)
     # The error is TLSError, not the "timed out waiting for connection" of wait_timeout.
     with pytest.raises(TLSError, match="TLS.*refused|TLS.*closed") as info:
         closing(ClientStorage(srv.addr, ssl=client_context(certs, who, ca),
@@ -157,7 +149,7 @@ def test_server_refuses_client(certs, make_server, closing, who, ca):
     assert isinstance(info.value, ClientDisconnected)
 
 
-def test_client_refuses_untrusted_server(certs, tmp_path, make_server, closing):
+def test_client_refuses_untrusted_server(certs, tmp_path, make_tls_server, closing):
     srv = start_server("ours", tmp_path / "fake", filestorage_conf(tmp_path / "fake.fs"),
                        server_ssl(certs, "fake-server.pem"))
     try:
@@ -168,15 +160,15 @@ def test_client_refuses_untrusted_server(certs, tmp_path, make_server, closing):
 
 
 @pytest.mark.parametrize("kind", ["ours", "ref"])
-def test_tls_client_against_plain_server_fails_fast(certs, make_server, kind):
-    srv = make_server(None, kind=kind)
+def test_tls_client_against_plain_server_fails_fast(certs, make_tls_server, kind):
+    srv = make_tls_server(None, kind=kind)
     with pytest.raises(TLSError, match="plain ZEO greeting.*does not use TLS"):
         ClientStorage(srv.addr, ssl=client_context(certs), wait_timeout=30)
 
 
 @pytest.mark.parametrize("kind", ["ours", "ref"])
-def test_plain_client_against_tls_server_names_tls(certs, make_server, kind):
-    srv = make_server(certs, kind=kind)
+def test_plain_client_against_tls_server_names_tls(certs, make_tls_server, kind):
+    srv = make_tls_server(certs, kind=kind)
     # The server waits for a ClientHello and we for its greeting: the greeting wait (10 s)
     # ends it, before wait_timeout, with an error that names TLS.
     with pytest.raises(TLSError, match="no ZEO greeting.*TLS server"):
@@ -200,8 +192,8 @@ db.close()
 """
 
 
-def test_ref_client_against_our_tls_server(certs, make_server, closing):
-    srv = make_server(certs)
+def test_ref_client_against_our_tls_server(certs, make_tls_server, closing):
+    srv = make_tls_server(certs)
     host, port = srv.addr
     out = run_ref(REF_TLS_CLIENT, host, str(port), str(certs), timeout=90).stdout
     assert "from ZEO 6.2 ['ref']" in out
@@ -210,13 +202,13 @@ def test_ref_client_against_our_tls_server(certs, make_server, closing):
         assert conn.root()["ref"]["value"] == "from ZEO 6.2"
 
 
-def test_our_client_against_ref_tls_server(certs, make_server, closing):
-    srv = make_server(certs, kind="ref")
+def test_our_client_against_ref_tls_server(certs, make_tls_server, closing):
+    srv = make_tls_server(certs, kind="ref")
     commit_and_read(lambda: ClientStorage(srv.addr, ssl=client_context(certs)), closing)
 
 
-def test_our_client_refused_by_ref_tls_server(certs, make_server):
-    srv = make_server(certs, kind="ref")
+def test_our_client_refused_by_ref_tls_server(certs, make_tls_server):
+    srv = make_tls_server(certs, kind="ref")
     with pytest.raises(TLSError, match="TLS"):
         ClientStorage(srv.addr, ssl=client_context(certs, "stranger"), wait_timeout=30)
 
