@@ -74,6 +74,36 @@ def server_process(make_server_process):
     return make_server_process()
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL cluster for this test process (tests/support/postgres.py).
+
+    Skipped with the reason when PostgreSQL or RelStorage is missing, except under CI
+    (``CI=true``), where ``tools/test.sh`` installs both: there it fails.
+    """
+    from support import postgres as pg
+
+    if pg.MISSING_REASON is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL tests cannot run under CI: {pg.MISSING_REASON}")
+        pytest.skip(pg.MISSING_REASON)
+    return pg.shared_cluster()
+
+
+@pytest.fixture
+def relstorage_conf(postgres):
+    """``relstorage_conf(name="1", blobs=None, extra="")``: a ``<relstorage>`` section over a
+    new database (history-preserving), and the ``%import`` it needs."""
+
+    from support.postgres import relstorage_section
+
+    def make(name="1", blob_dir=None, shared_blob_dir=True, extra=""):
+        return relstorage_section(postgres.create_database(), name, blob_dir,
+                                  shared_blob_dir, extra)
+
+    return make
+
+
 @pytest.fixture
 def closing():
     """Register storages/DBs to close at teardown, even when the test fails."""

@@ -36,10 +36,20 @@ def codec(request) -> str:
     return request.param
 
 
-@pytest.fixture
-def ours(tmp_path, codec):
-    srv = _start("ours", tmp_path / "ours", codec)
+#: What our server serves to the real client: (codec, storage).
+SERVED = [("pickle", "filestorage"), ("msgpack", "filestorage"), ("pickle", "relstorage")]
+
+
+@pytest.fixture(params=SERVED, ids=["-".join(p) for p in SERVED])
+def ours(request, tmp_path):
+    codec, storage = request.param
+    if storage == "relstorage":
+        conf = request.getfixturevalue("relstorage_conf")()
+        srv = start_server("ours", tmp_path / "ours", conf, zeo_extra=CODECS[codec])
+    else:
+        srv = _start("ours", tmp_path / "ours", codec)
     srv.codec = codec
+    srv.storage = storage
     yield srv
     srv.stop()
 
@@ -67,6 +77,12 @@ def expected_protocol(srv) -> str:
     return "M5" if srv.codec == "msgpack" else "Z5"
 
 
+def history_after_pack(srv, last: str) -> list[str]:
+    """What ``history`` lists after a pack to now: the current revision; RelStorage lists
+    no revision of a packed transaction (its own behaviour, docs/relstorage.rst)."""
+    return [] if getattr(srv, "storage", None) == "relstorage" else [last]
+
+
 # --------------------------------------------------------------------------------------------
 # Real ZEO 6.2 clients against our server
 
@@ -84,7 +100,8 @@ def test_real_client_open_commit_load(ours, real):
     assert info["last_tid"] == tid
     assert real("get", name="b", keys=["x", "s"]) == {"x": 1, "s": "text"}
     assert real("load_before", name="b", oid=z64.hex(), tid="7fffffffffffffff")[1] == tid
-    assert real("info", name="b")["len"] >= 1
+    if getattr(ours, "storage", None) != "relstorage":  # RelStorage's len is an estimate
+        assert real("info", name="b")["len"] >= 1
     status = real("server_status", name="b")
     assert status["connections"] == 2
     assert status["last-transaction"] == tid
@@ -176,7 +193,7 @@ def test_real_client_history_and_pack(ours, real):
     time.sleep(0.01)  # pack time must be after the last commit's timestamp
     real("pack", name="a")
     history = real("history", name="a")
-    assert [h["tid"] for h in history] == [last]
+    assert [h["tid"] for h in history] == history_after_pack(ours, last)
     assert real("get", name="a", keys=["x"]) == {"x": 3}
 
 
@@ -218,7 +235,7 @@ def test_real_zeopack_on_our_server(ours, real):
     out = subprocess.run([str(ref_bin("zeopack")), *args], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out
-    assert [h["tid"] for h in real("history", name="a")] == [last]
+    assert [h["tid"] for h in real("history", name="a")] == history_after_pack(ours, last)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,19 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
     fi
     PY="$VENV/bin/python"
 fi
-"$PY" -m pip install -q --disable-pip-version-check -e '.[test]' || exit 1
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test,relstorage]' || exit 1
+# PostgreSQL's server binaries for the RelStorage tests (tests/support/postgres.py starts a
+# throw-away cluster as the 'postgres' user): Debian's package when they are missing.
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v postgres >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get update -qq && apt-get install -y -qq postgresql-15; } ||
+            apt-get install -y -qq postgresql || exit 1
+    else
+        echo "PostgreSQL's server binaries are missing: RelStorage tests will skip" \
+             "(apt-get install postgresql-15)" >&2
+    fi
+fi
 "$PY" -m ruff check src tests benchmarks examples || exit 1
 # Type-check src/ (pyproject.toml's [tool.mypy]): every ``type: ignore`` is checked too.
 "$PY" -m mypy || exit 1

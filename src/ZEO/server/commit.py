@@ -436,7 +436,8 @@ class CommitPath:
         undo and large transactions go to the commit worker so the loop never waits on them.
         """
         return (
-            not txn.blobs
+            not self.state.mvcc  # every call of an MVCC storage may be a database round trip
+            and not txn.blobs
             and txn.spool is None
             and txn.nbytes <= self.server.inline_vote_bytes
             and len(txn.records) <= 1000
@@ -551,6 +552,7 @@ class CommitPath:
         self._end(api, txn, aborted=False)
         if oids is not None:
             self.state.broadcast(tid, oids, api.session)
+            self.state.release_held_loads()
         # The committer gets `info` just before its reply, in the same write.  Computed after
         # the release (``len`` walks the index), out of the lock hold: the next transaction
         # has at most voted, and a vote changes neither the length nor the size a storage

@@ -29,6 +29,7 @@ from zope.interface import providedBy
 from .. import address
 from ..protocol.framing import DEFAULT_MAX_MESSAGE_SIZE
 from .commit import CommitPath
+from .mvcc import MVCCStorage, is_mvcc
 from .resolve import ClassAllowList, ConflictResolver
 from .session import Session
 
@@ -123,7 +124,15 @@ class StorageState:
     def __init__(self, server: StorageServer, storage_id: str, storage: Any) -> None:
         self.server = server
         self.storage_id = storage_id
+        #: An MVCC storage (RelStorage) is served through ZEO.server.mvcc: reads off the
+        #: loop at a snapshot no older than the published tid, conflicts found at store.
+        self.mvcc = is_mvcc(storage)
+        if self.mvcc:
+            storage = MVCCStorage(storage, storage_id)
         self.storage = storage
+        #: MVCC loads whose record is newer than the published tid, until it is published:
+        #: (serial, oid, result, snapshot, reply).
+        self._held_loads: list[tuple[bytes, bytes, Any, bytes, Any]] = []
         self.loop = server.event_loop
         self.sessions: dict[Session, None] = {}
         self.invq: deque[tuple[bytes, Any]] = deque(maxlen=max(server.invalidation_queue_size, 1))
@@ -204,12 +213,27 @@ class StorageState:
                 if qoids:
                     oids.update(dict.fromkeys(qoids))
             return latest, list(oids)
+        if self.mvcc:  # one indexed query, not an iteration
+            return self.loop.run_in_executor(
+                self.server.read_executor, self._changes_since, tid, self.published_tid)
         age = self.server.invalidation_age
         if age and time.time() - _tid_time(tid) < age:
             return self.loop.run_in_executor(
                 self.server.read_executor, self._iterate_invalidations, tid
             )
         return None
+
+    def _changes_since(self, tid: bytes, published: bytes) -> Any:
+        """``(published, oids changed after tid)`` of an MVCC storage, or None.
+
+        The database may be ahead of ``published`` (a commit not yet published): its oids
+        are included too, which only costs the client a reload, and the client is told
+        ``published``, the tid it has registered at.
+        """
+        found = self.storage.changes_since(tid)
+        if found is None:
+            return None
+        return published, found[1]
 
     def _iterate_invalidations(self, tid: bytes) -> Any:
         oids: dict[bytes, None] = {}
@@ -227,6 +251,66 @@ class StorageState:
         """On the loop: record ``tid`` and send its invalidations to every other session."""
         if self.record(tid, oids):
             self.broadcast(tid, oids, committer)
+            self.release_held_loads()
+
+    # -- MVCC reads ------------------------------------------------------------------------
+
+    def load_mvcc(self, oid: bytes, tid: bytes, reply: Any) -> None:
+        """``loadBefore`` on a read thread, at a snapshot no older than the published tid;
+        :meth:`load_done` answers ``reply`` on the loop."""
+        at_least = self.published_tid
+        fut = self.loop.run_in_executor(self.server.read_executor,
+                                        self.storage.load_before, oid, tid, at_least)
+        fut.add_done_callback(lambda f: self.load_done(f, oid, reply))
+
+    def load_done(self, fut: asyncio.Future, oid: bytes, reply: Any) -> None:
+        """On the loop: answer an MVCC load so that no client keeps a stale revision.
+
+        A record newer than the published tid waits until it is published (its
+        invalidation goes first).  A record current at the snapshot but changed by a commit
+        published since is closed at that commit: the reply then says when it ended.
+        """
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None or fut.cancelled():
+            reply.fail(exc or asyncio.CancelledError())
+            return
+        result, snapshot = fut.result()
+        if result is None:
+            reply.resolve(None)
+            return
+        if result[1] > self.published_tid:
+            self._held_loads.append((result[1], oid, result, snapshot, reply))
+            return
+        reply.resolve(self._closed_at_publish(oid, result, snapshot))
+
+    def _closed_at_publish(self, oid: bytes, result: tuple, snapshot: bytes) -> tuple:
+        data, serial, end = result
+        if self.published_tid <= snapshot:
+            return result
+        first = None
+        for qtid, qoids in self.invq:  # newest first
+            if qtid <= snapshot:
+                break
+            if qoids is None:  # not known: valid up to the snapshot, no further
+                first = p64(u64(snapshot) + 1)
+                break
+            if oid in qoids:
+                first = qtid
+        else:  # the queue does not reach back to the snapshot
+            first = p64(u64(snapshot) + 1)
+        if first is not None and (end is None or end > first):
+            return data, serial, first
+        return result
+
+    def release_held_loads(self) -> None:
+        held = self._held_loads
+        if not held:
+            return
+        published = self.published_tid
+        self._held_loads = [h for h in held if h[0] > published]
+        for serial, oid, result, snapshot, reply in held:
+            if serial <= published:
+                reply.resolve(self._closed_at_publish(oid, result, snapshot))
 
     def record(self, tid: bytes, oids: list) -> bool:
         """Make ``tid`` the last published tid and queue its invalidations; False (and
@@ -454,6 +538,8 @@ class StorageServer:
         )
         self.storages = dict(storages)
         self.states = {sid: StorageState(self, sid, s) for sid, s in self.storages.items()}
+        # An MVCC storage is served (and closed) through its adapter.
+        self.storages = {sid: state.storage for sid, state in self.states.items()}
         self.sessions: dict[Session, None] = {}
         self._listeners: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []

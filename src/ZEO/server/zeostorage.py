@@ -162,6 +162,9 @@ class ZEOStorage:
         state = self.state
         assert state is not None
         state.stats_loads += 1
+        if state.mvcc:
+            state.load_mvcc(oid, tid, self.session.reply_later())
+            return LATER
         if state.commits.finishing:  # the storage may block readers during a finish
             state.commits.load_behind_finish(oid, tid, self.session.reply_later())
             return LATER
@@ -462,7 +465,12 @@ class ZEOStorage:
         txn.blobs.append((oid, serial, data, path))
 
     async def _send_blob(self, oid: bytes, serial: bytes) -> None:
-        path = self.storage.loadBlob(oid, serial)
+        assert self.state is not None
+        if self.state.mvcc:  # a database round trip (and a download, blobs in the database)
+            path = await self.loop.run_in_executor(self.server.read_executor,
+                                                   self.storage.loadBlob, oid, serial)
+        else:
+            path = self.storage.loadBlob(oid, serial)
         session = self.session
         send = session.send_oneway
         with open(path, "rb") as f:

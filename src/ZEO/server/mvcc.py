@@ -1,0 +1,356 @@
+"""Serving an MVCC storage (``IMVCCStorage``: RelStorage) as one storage to the server.
+
+An MVCC storage instance belongs to one thread and reads from a database snapshot that moves
+only when it is synced.  :class:`MVCCStorage` gives the server the storage API it uses for
+FileStorage, backed by one instance per thread (``new_instance()``), and keeps ZEO's
+guarantees on top:
+
+* **Reads** run off the loop (database round trips).  :meth:`MVCCStorage.load_before` first
+  brings the thread's instance up to the tid the server has published (never a snapshot
+  older than what a client has been told), then answers from the instance's cache
+  (``load``) when the current revision answers the question, and asks the database
+  (``loadBefore``) only when it does not.  It returns the snapshot it read, so the server
+  can close the record's validity at any commit it published meanwhile
+  (``StorageState.load_done``).
+* **Commits** run on the commit worker's own instance, synced to the database's newest state
+  at ``tpc_begin``.  Conflicts are found at ``store`` (as FileStorage does) and resolved by
+  the server's allow-listed resolver, so the MVCC storage's vote sees none: RelStorage's own
+  resolution reads the base revision from its instance's snapshot, which a server shares
+  between clients with different views (it would raise ``CacheConsistencyError``).
+* ``len()`` opens a database connection per call in RelStorage: the length and size are
+  measured at most every :data:`SIZE_INTERVAL` seconds, on the commit worker.
+* :meth:`MVCCStorage.changes_since` answers "which objects changed after tid X" with one
+  indexed query (RelStorage's poller) instead of an iteration, for cache verification.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import zope.interface
+from ZODB.interfaces import IMVCCStorage
+from ZODB.POSException import ConflictError, POSKeyError, ReadConflictError
+from ZODB.utils import p64, u64, z64
+
+logger = logging.getLogger("ZEO.StorageServer")
+
+#: Seconds between two measures of the storage's length and size.
+SIZE_INTERVAL = 10.0
+
+
+class UnservableStorage(ValueError):
+    """A storage configuration the server cannot serve with ZEO's guarantees."""
+
+
+def is_mvcc(storage: Any) -> bool:
+    return IMVCCStorage.providedBy(storage)
+
+
+def plain_error(exc: BaseException, oid: bytes | None = None) -> BaseException:
+    """ZODB's own exception for a storage-specific one (RelStorage's subclasses, whose text
+    names the database and its DSN): what a client can decode and a peer may read."""
+    if isinstance(exc, POSKeyError):
+        return POSKeyError(oid if oid is not None else (exc.args[0] if exc.args else None))
+    if isinstance(exc, ConflictError) and type(exc) not in (ConflictError, ReadConflictError):
+        kind = ReadConflictError if isinstance(exc, ReadConflictError) else ConflictError
+        serials = exc.serials if getattr(exc, "serials", None) else None
+        return kind(oid=exc.oid, serials=serials)
+    return exc
+
+
+def _plain_errors(method: Any) -> Any:
+    """Raise :func:`plain_error` of what ``method`` raises (its first argument is the oid)."""
+
+    def call(self: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return method(self, *args, **kw)
+        except (POSKeyError, ConflictError) as e:
+            plain = plain_error(e, args[0] if args and type(args[0]) is bytes else None)
+            if plain is e:
+                raise
+            raise plain from None
+
+    call.__name__ = method.__name__
+    call.__doc__ = method.__doc__
+    return call
+
+
+class MVCCStorage:
+    """The storage API the server uses, over one ``IMVCCStorage`` instance per thread.
+
+    Thread contract: every method may be called from any thread; each thread uses its own
+    instance.  The commit path calls ``tpc_*`` and the writes from its single worker thread.
+    """
+
+    def __init__(self, base: Any, storage_id: str = "1") -> None:
+        if getattr(base, "keep_history", True) is False:
+            raise UnservableStorage(
+                f"storage {storage_id!r}: a history-free RelStorage (keep-history false) keeps no "
+                "old revisions, and ZEO clients read them (loadBefore at their snapshot): "
+                "set keep-history true in the <relstorage> section")
+        self.base = base
+        self._local = threading.local()
+        self._instances: list[Any] = []
+        self._instances_lock = threading.Lock()
+        self._resolved: list[bytes] = []
+        #: The server's allow-listed resolver (StorageState sets it).
+        self.tryToResolveConflict: Any = None
+        self._length = len(base)
+        self._size = base.getSize()
+        self._sized_at = time.monotonic()
+        #: Raised by a pack: every instance moves its snapshot past it before reading again.
+        self._generation = 0
+        self.loads_from_cache = 0
+        self.loads_from_database = 0
+        self.syncs = 0
+        provided = [i for i in zope.interface.providedBy(base) if i is not IMVCCStorage]
+        zope.interface.directlyProvides(self, *provided)
+        helper = getattr(base, "blobhelper", None)
+        if helper is not None and getattr(helper, "shared_blob_helper", False):
+            self.fshelper = helper.fshelper
+
+    # -- instances -----------------------------------------------------------------------
+
+    def _instance(self) -> Any:
+        """This thread's instance (made on first use)."""
+        inst = getattr(self._local, "instance", None)
+        if inst is None:
+            inst = self._local.instance = self.base.new_instance()
+            with self._instances_lock:
+                self._instances.append(inst)
+        return inst
+
+    def _synced(self, at_least: bytes | None = None) -> Any:
+        """This thread's instance, its snapshot moved to the database's newest state when it
+        is older than ``at_least`` (always, when None)."""
+        inst = self._instance()
+        local = self._local
+        if (at_least is None or getattr(local, "generation", -1) != self._generation
+                or (inst.lastTransaction() or z64) < at_least):
+            local.generation = self._generation
+            inst.sync()
+            inst.poll_invalidations()
+            self.syncs += 1
+        return inst
+
+    def snapshot_tid(self) -> bytes:
+        """The tid this thread's instance reads at."""
+        return self._instance().lastTransaction() or z64
+
+    # -- reads (any thread but the loop's) -------------------------------------------------
+
+    @_plain_errors
+    def load_before(self, oid: bytes, tid: bytes, at_least: bytes
+                    ) -> tuple[tuple[bytes, bytes, bytes | None] | None, bytes]:
+        """``(loadBefore(oid, tid), snapshot)`` read at a snapshot of at least ``at_least``.
+
+        A record whose end is None is current as of ``snapshot``; the caller closes it at
+        any later commit of ``oid`` it has published.
+        """
+        inst = self._synced(at_least)
+        snapshot = inst.lastTransaction() or z64
+        try:
+            data, serial = inst.load(oid)
+        except POSKeyError:
+            data = serial = None
+        if serial is not None and serial < tid:
+            self.loads_from_cache += 1
+            return (data, serial, None), snapshot
+        self.loads_from_database += 1
+        return inst.loadBefore(oid, tid), snapshot
+
+    def loadBefore(self, oid: bytes, tid: bytes) -> Any:
+        return self.load_before(oid, tid, tid)[0]
+
+    @_plain_errors
+    def load(self, oid: bytes, version: str = "") -> tuple[bytes, bytes]:
+        return self._synced().load(oid)
+
+    @_plain_errors
+    def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
+        inst = self._synced(z64)  # after a pack, past it
+        if serial <= (inst.lastTransaction() or z64):
+            return inst.loadSerial(oid, serial)
+        return self._synced().loadSerial(oid, serial)  # newer than this snapshot
+
+    @_plain_errors
+    def getTid(self, oid: bytes) -> bytes:
+        return self._synced().getTid(oid)
+
+    @_plain_errors
+    def history(self, oid: bytes, size: int = 1) -> Any:
+        return self._synced().history(oid, size=size)
+
+    def record_iternext(self, next: Any = None) -> Any:
+        return self._instance().record_iternext(next)
+
+    def iterator(self, start: bytes | None = None, stop: bytes | None = None) -> Any:
+        return self._synced().iterator(start, stop)
+
+    def undoLog(self, first: int = 0, last: int = -20) -> Any:
+        return self._synced().undoLog(first, last)
+
+    def undoInfo(self, first: int = 0, last: int = -20, specification: Any = None) -> Any:
+        return self._synced().undoInfo(first, last, specification)
+
+    @_plain_errors
+    def loadBlob(self, oid: bytes, serial: bytes) -> str:
+        return self._synced().loadBlob(oid, serial)
+
+    @_plain_errors
+    def openCommittedBlobFile(self, oid: bytes, serial: bytes, blob: Any = None) -> Any:
+        return self._synced().openCommittedBlobFile(oid, serial, blob)
+
+    def changes_since(self, tid: bytes) -> tuple[bytes, list[bytes]] | None:
+        """``(newest tid, oids changed after tid)`` from one indexed query, or None when the
+        storage cannot say (not RelStorage, or ``tid`` is before what it keeps)."""
+        adapter: Any = getattr(self.base, "_adapter", None)
+        poller = getattr(adapter, "poller", None)
+        if adapter is None or poller is None:
+            return None
+        conn, cursor = adapter.connmanager.open_for_load()
+        try:
+            changes, newest = poller.poll_invalidations(conn, cursor, u64(tid))
+            if changes is None:
+                return None
+            oids = list(dict.fromkeys(p64(oid_int) for oid_int, _tid in changes))
+        finally:
+            adapter.connmanager.close(conn, cursor)
+        return p64(newest), oids
+
+    # -- what the server asks of any storage ----------------------------------------------
+
+    def lastTransaction(self) -> bytes:
+        return self._instance().lastTransaction() or z64
+
+    def newest_tid(self) -> bytes:
+        """The database's newest tid (a sync of this thread's instance)."""
+        return self._synced().lastTransaction() or z64
+
+    def __len__(self) -> int:
+        return self._length
+
+    def getSize(self) -> int:
+        return self._size
+
+    def _measure(self, inst: Any) -> None:
+        now = time.monotonic()
+        if now - self._sized_at >= SIZE_INTERVAL:
+            self._sized_at = now
+            try:
+                self._length = len(inst)
+                self._size = inst.getSize()
+            except Exception:
+                logger.exception("measuring %s", self.getName())
+
+    def getName(self) -> str:
+        return self.base.getName()
+
+    def sortKey(self) -> str:
+        return self.base.sortKey()
+
+    def isReadOnly(self) -> bool:
+        return self.base.isReadOnly()
+
+    def supportsUndo(self) -> bool:
+        supports = getattr(self.base, "supportsUndo", None)
+        return bool(supports()) if supports is not None else False
+
+    def temporaryDirectory(self) -> str:
+        return self.base.temporaryDirectory()
+
+    def new_oid(self) -> bytes:
+        return self._instance().new_oid()
+
+    def pack(self, t: float, referencesf: Any) -> None:
+        self._synced().pack(t, referencesf)
+        self._generation += 1
+
+    def registerDB(self, db: Any) -> None:
+        pass  # the server publishes what it commits; other writers are polled for
+
+    def close(self) -> None:
+        with self._instances_lock:
+            instances, self._instances = self._instances, []
+        for inst in instances:
+            try:
+                inst.release()
+            except Exception:
+                logger.exception("releasing an instance of %s", self.getName())
+        self.base.close()
+
+    # -- the commit path (its worker thread) ---------------------------------------------------
+
+    def tpc_begin(self, txn: Any, tid: bytes | None = None, status: str = " ") -> None:
+        inst = self._synced()  # conflicts are judged against the newest state
+        self._resolved = []
+        if tid is None and status == " ":
+            inst.tpc_begin(txn)
+        else:
+            inst.tpc_begin(txn, tid, status)
+
+    def _current_serial(self, inst: Any, oid: bytes) -> bytes | None:
+        try:
+            return inst.load(oid)[1]
+        except POSKeyError:
+            return None
+
+    @_plain_errors
+    def store(self, oid: bytes, serial: bytes, data: bytes, version: str, txn: Any) -> None:
+        inst = self._instance()
+        committed = self._current_serial(inst, oid)
+        if committed is not None and committed != serial:
+            resolve = self.tryToResolveConflict
+            if resolve is None:
+                raise ConflictError(oid=oid, serials=(committed, serial), data=data)
+            data = resolve(oid, committed, serial, data)  # raises ConflictError
+            serial = committed
+            self._resolved.append(oid)
+        inst.store(oid, serial, data, version, txn)
+
+    @_plain_errors
+    def storeBlob(self, oid: bytes, serial: bytes, data: bytes, blobfilename: str,
+                  version: str, txn: Any) -> None:
+        inst = self._instance()
+        committed = self._current_serial(inst, oid)
+        if committed is not None and committed != serial:
+            raise ConflictError(oid=oid, serials=(committed, serial), data=data)
+        inst.storeBlob(oid, serial, data, blobfilename, version, txn)
+
+    @_plain_errors
+    def restore(self, oid: bytes, serial: bytes, data: bytes | None, version: str,
+                prev_txn: bytes | None, txn: Any) -> None:
+        self._instance().restore(oid, serial, data, version, prev_txn, txn)
+
+    def restoreBlob(self, *args: Any) -> None:
+        self._instance().restoreBlob(*args)
+
+    @_plain_errors
+    def deleteObject(self, oid: bytes, serial: bytes, txn: Any) -> None:
+        self._instance().deleteObject(oid, serial, txn)
+
+    @_plain_errors
+    def checkCurrentSerialInTransaction(self, oid: bytes, serial: bytes, txn: Any) -> None:
+        self._instance().checkCurrentSerialInTransaction(oid, serial, txn)
+
+    @_plain_errors
+    def undo(self, transaction_id: bytes, txn: Any) -> Any:
+        return self._instance().undo(transaction_id, txn)
+
+    @_plain_errors
+    def tpc_vote(self, txn: Any) -> list[bytes]:
+        voted = self._instance().tpc_vote(txn) or ()
+        return list(dict.fromkeys([*self._resolved, *voted]))
+
+    def tpc_finish(self, txn: Any, f: Any = None) -> bytes:
+        inst = self._instance()
+        tid = inst.tpc_finish(txn, f)
+        self._measure(inst)
+        return tid
+
+    def tpc_abort(self, txn: Any) -> None:
+        self._resolved = []
+        self._instance().tpc_abort(txn)
