@@ -11,6 +11,11 @@ from a snapshot of ``src/``; the reference has ZEO 6.2 and uvloop.
 The table shows, per metric, the median over rounds of each side and of the per-round ratio
 ours/ref; the JSON file holds every round's raw results.
 
+``--storage relstorage`` measures our server in front of RelStorage on PostgreSQL (a
+throw-away cluster started for the run, one fresh database per side and round) against the
+alternative users pick today, RelStorage used directly by the same client processes; the
+``ref`` column is then ``rs``.
+
 ``--self-test`` runs the reference on both sides (a check of the harness and of its noise);
 ``--client ref`` pairs our server with the reference client (the server alone), ``--server ref``
 our client with the reference server.
@@ -44,6 +49,15 @@ WORKLOADS_PY = HERE / "workloads.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _postgres():
+    """tests/support/postgres.py, loaded by path (a throw-away PostgreSQL cluster)."""
+    spec = importlib.util.spec_from_file_location(
+        "_zeo_bench_postgres", REPO / "tests" / "support" / "postgres.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _refzeo():
     """tests/support/refzeo.py, loaded by path (it builds and finds the reference venv)."""
     spec = importlib.util.spec_from_file_location(
@@ -66,6 +80,10 @@ class Side:
     env: dict[str, str]  # for the client workloads
     server_env: dict[str, str] | None = None  # None: the same as env
     desc: str = "server ZEO 6.2, client ZEO 6.2"
+    #: The server's storage sections for a directory (None: FileStorage, storage_conf).
+    conf: Callable[[Path, bool], str] | None = None
+    #: No server: the clients use RelStorage directly on a new database from this cluster.
+    direct_cluster: Any = None
 
     def run_env(self, server: bool = False) -> dict[str, str]:
         env = dict(os.environ)
@@ -100,7 +118,7 @@ class Server:
         self.port = free_port()
         self.conf = directory / "zeo.conf"
         self.conf.write_text(f"<zeo>\n  address 127.0.0.1:{self.port}\n</zeo>\n"
-                             + storage_conf(directory, with_blobs))
+                             + (side.conf or storage_conf)(directory, with_blobs))
         self.log_path = directory / "server.log"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -167,6 +185,35 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+class DirectRelStorage:
+    """A side with no server: its clients open RelStorage on a fresh database themselves."""
+
+    def __init__(self, side: Side, directory: Path) -> None:
+        self.side = side
+        self.directory = directory
+        self.dsn = side.direct_cluster.create_database("rs")
+        self.pid = os.getpid()
+
+    @property
+    def addr(self) -> str:
+        return f"relstorage:{self.dsn}"
+
+    def alive(self) -> bool:
+        return True
+
+    def log_tail(self, n: int = 2000) -> str:
+        return ""
+
+    def cpu_seconds(self) -> float:
+        return 0.0  # no server process (PostgreSQL's CPU is not counted on either side)
+
+    def memory_mib(self) -> dict[str, float]:
+        return {}
+
+    def stop(self, timeout: float = 15) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- worker processes
@@ -448,6 +495,10 @@ WORKLOADS: list[Workload] = [
         lambda rs: {"mix_ops_s": _sum(rs, "ops_per_s")},
         [Metric("mix_ops_s", "txn/s", True, 1.5)], "txn"),
     Workload(
+        "txn_start", "txn_start", 1, _sizes, _dur,
+        lambda rs: {"txn_start_txn_s": _sum(rs, "txn_per_s")},
+        [Metric("txn_start_txn_s", "txn/s", True)], "txn"),
+    Workload(
         "load_under_commit", "load_under_commit", 4, _sizes,
         lambda a: 1.5 if a.quick else 5.0,
         lambda rs: {"luc_load_p50_us": _probe(rs)["load_p50_us"],
@@ -547,7 +598,9 @@ def run_side_workload(side: Side, server: Server, w: Workload, a: argparse.Names
     return out
 
 
-def start_server(side: Side, directory: Path) -> Server:
+def start_server(side: Side, directory: Path) -> Server | DirectRelStorage:
+    if side.direct_cluster is not None:
+        return DirectRelStorage(side, directory)
     try:
         return Server(side, directory, with_blobs=True)
     except Exception as e:
@@ -561,7 +614,7 @@ def run_round(r: int, sides: list[Side], selected: list[Workload], a: argparse.N
     a.current_round = r + 1
     log(f"round {r + 1}: order {' -> '.join(s.name for s in order)}")
     busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
-    servers: dict[str, Server] = {}
+    servers: dict[str, Any] = {}
     down: dict[str, str] = {}  # side -> why its server is not running
     out: dict[str, Any] = {"round": r + 1, "order": [s.name for s in order],
                            "sides": {s.name: {"workloads": {}, "metrics": {}} for s in sides}}
@@ -714,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
                    + ", ".join(BY_NAME))
     p.add_argument("--json", type=Path, default=None,
                    help="write results here (default benchmarks/results/<timestamp>.json)")
+    p.add_argument("--storage", choices=["filestorage", "relstorage"], default="filestorage",
+                   help="relstorage: our server on RelStorage/PostgreSQL against RelStorage "
+                   "used directly by the same clients")
     p.add_argument("--self-test", action="store_true",
                    help="run the reference ZEO on both sides (checks the harness and its noise)")
     p.add_argument("--server", choices=["ours", "ref"], default="ours",
@@ -763,6 +819,22 @@ def main(argv: list[str] | None = None) -> int:
              f"client {'ours' if a.client == 'ours' else 'ZEO 6.2'}",
     )
     sides = [ours, ref]
+    cluster = None
+    if a.storage == "relstorage":
+        cluster = _postgres().Cluster("bench")
+        pg = _postgres()
+
+        def relstorage_conf(directory: Path, with_blobs: bool) -> str:
+            return pg.relstorage_section(cluster.create_database("zeo"),
+                                         blob_dir=str(directory / "blobs"),
+                                         shared_blob_dir=False)
+
+        ours.conf = relstorage_conf
+        ours.desc = "server ours on RelStorage/PostgreSQL, client ours"
+        sides = [ours, Side("rs", a.ours_python, [], src, direct_cluster=cluster,
+                            desc="RelStorage used directly by the clients (no ZEO server)")]
+        if not a.only:
+            a.only = ["cold_load", "commit_1", "commit_4", "mix_90_10", "txn_start"]
     a.profile_sides = {s.name for s in (sides if a.profile_both else sides[:1])}
     if a.profile is not None:
         a.profile.mkdir(parents=True, exist_ok=True)
@@ -822,6 +894,8 @@ def main(argv: list[str] | None = None) -> int:
             (a.profile / "summary.txt").write_text("\n\n".join(parts) + "\n")
             print(f"profiles (PROFILED RUN: ratios are skewed): {a.profile / 'summary.txt'}")
     finally:
+        if cluster is not None:
+            cluster.stop()
         if a.keep:
             log(f"kept {tmp}")
         else:

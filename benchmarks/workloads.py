@@ -10,6 +10,9 @@ Usage (driven by ``run.py``)::
     python workloads.py WORKLOAD --addr HOST:PORT --data-dir DIR --params JSON \
         [--index K --nprocs N]
 
+``--addr relstorage:DSN`` runs the workload on RelStorage used directly (no ZEO server): the
+alternative to our server in front of PostgreSQL (``run.py --storage relstorage``).
+
 Protocol on stdout, one line each: the worker connects and prepares, prints ``READY``, then waits
 for ``GO <start> <deadline>`` (wall-clock seconds) on stdin, sleeps until ``start``, runs until
 ``deadline`` or its fixed count, and prints ``RESULT <json>``.  A failure prints ``ERROR <json>``
@@ -42,9 +45,11 @@ OIDS_FILE = "tree-oids.json"
 class Context:
     """What a workload gets: where the server is, its parameters, and the start barrier."""
 
-    def __init__(self, addr: tuple[str, int], data_dir: str, params: dict[str, Any],
+    def __init__(self, addr: tuple[str, int] | str, data_dir: str, params: dict[str, Any],
                  index: int, nprocs: int) -> None:
         self.addr = addr
+        #: RelStorage used directly: the DSN of its PostgreSQL database (else None).
+        self.dsn = addr[len("relstorage:"):] if isinstance(addr, str) else None
         self.data_dir = data_dir
         self.params = params
         self.index = index
@@ -66,12 +71,25 @@ class Context:
     def expired(self) -> bool:
         return time.time() >= self.deadline
 
+    def _relstorage(self):
+        import ZODB.config
+
+        return ZODB.config.storageFromString(
+            f"%import relstorage\n<relstorage>\n  <postgresql>\n    dsn {self.dsn}\n"
+            "  </postgresql>\n</relstorage>\n")
+
     def storage(self, **kw: Any):
+        if self.dsn is not None:
+            return self._relstorage()
         import ZEO
 
         return ZEO.client(self.addr, wait_timeout=60, **kw)
 
     def db(self, **kw: Any):
+        if self.dsn is not None:
+            import ZODB
+
+            return ZODB.DB(self._relstorage())
         import ZEO
 
         return ZEO.DB(self.addr, wait_timeout=60, **kw)
@@ -325,6 +343,37 @@ def w_mix(ctx: Context) -> dict[str, Any]:
             "writes": writes, "conflicts": conflicts}
 
 
+def w_txn_start(ctx: Context) -> dict[str, Any]:
+    """Transactions that read 10 objects already in the connection's cache, until the deadline:
+    the cost of starting a transaction (RelStorage used directly polls the database at each
+    start; a ZEO client learns of changes from the invalidations the server pushes)."""
+    n = int(ctx.params["objects"])
+    max_ops = int(ctx.params.get("max_ops", 1000000))
+    db = ctx.db()
+    try:
+        tm, conn = _open(db)
+        tree = conn.root()["tree"]
+        keys = list(range(0, n, max(1, n // 100)))[:100]
+        values = [tree[k] for k in keys]
+        for v in values:
+            v["v"]  # loaded now, not in the timed loop
+        tm.abort()
+        ctx.ready()
+        count = 0
+        t0 = time.perf_counter()
+        while count < max_ops and not ctx.expired():
+            tm.begin()
+            for j in range(10):
+                values[(count + j) % len(values)]["v"]
+            tm.abort()
+            count += 1
+        elapsed = time.perf_counter() - t0
+        conn.close()
+    finally:
+        db.close()
+    return {"ops": count, "elapsed": elapsed, "txn_per_s": count / elapsed}
+
+
 def w_load_under_commit(ctx: Context) -> dict[str, Any]:
     """Index 0 times cold loads; the others commit ~1 MiB transactions until the deadline."""
     if ctx.index == 0:
@@ -540,6 +589,7 @@ WORKLOADS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "cold_traversal": w_cold_traversal,
     "commit": w_commit,
     "mix": w_mix,
+    "txn_start": w_txn_start,
     "load_under_commit": w_load_under_commit,
     "records": w_records,
     "blobs": w_blobs,
@@ -558,8 +608,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--nprocs", type=int, default=1)
     a = p.parse_args(argv)
-    host, _, port = a.addr.rpartition(":")
-    ctx = Context((host, int(port)), a.data_dir, json.loads(a.params), a.index, a.nprocs)
+    if a.addr.startswith("relstorage:"):
+        addr: tuple[str, int] | str = a.addr
+    else:
+        host, _, port = a.addr.rpartition(":")
+        addr = (host, int(port))
+    ctx = Context(addr, a.data_dir, json.loads(a.params), a.index, a.nprocs)
     try:
         result = WORKLOADS[a.workload](ctx)
     except BaseException as e:  # report everything to the runner, then fail

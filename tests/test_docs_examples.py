@@ -36,7 +36,8 @@ ENV = dict(os.environ, PYTHONPATH=SRC)
 #: The example files this module exercises; test_docs checks the docs include no others.
 TESTED_EXAMPLES = {"app.py", "quickstart.conf", "zeo.conf", "zdaemon.conf", "zeo.service",
                    "supervisord.conf", "tls/zeo.conf", "tls/client.conf", "tls/client.py",
-                   "zeoctl.conf"}  # zeoctl.conf: tests/test_tools_zeoctl.py
+                   "zeoctl.conf",  # zeoctl.conf: tests/test_tools_zeoctl.py
+                   "relstorage/zeo.conf"}
 
 
 def test_every_example_is_tested():
@@ -111,6 +112,25 @@ def test_production_config(tmp_path):
     finally:
         assert srv.stop() == 0
     assert not (var / "zeo.pid").exists()
+
+
+def test_relstorage_config(tmp_path, postgres):
+    """examples/relstorage/zeo.conf, pointed at the test cluster, serves the example app."""
+    port = free_port()
+    text = (EXAMPLES / "relstorage" / "zeo.conf").read_text()
+    text = text.replace("address 127.0.0.1:8100", f"address 127.0.0.1:{port}")
+    text = text.replace("blob-dir var/blobs", f"blob-dir {tmp_path / 'blobs'}")
+    dsn = postgres.create_database()
+    text = re.sub(r"dsn .*", f"dsn {dsn}", text)
+    conf = tmp_path / "zeo.conf"
+    conf.write_text(text)
+    srv = ServerProcess([sys.executable, "-m", "ZEO.runzeo", "-C", str(conf)],
+                        ("127.0.0.1", port), tmp_path / "runzeo.out", env=ENV)
+    try:
+        out = run_py(str(EXAMPLES / "app.py"), f"127.0.0.1:{port}", "from PostgreSQL").stdout
+        assert "from PostgreSQL" in out
+    finally:
+        assert srv.stop() == 0
 
 
 @pytest.fixture(scope="module")

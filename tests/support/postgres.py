@@ -114,16 +114,10 @@ class Cluster:
         self.sql("postgres", f"CREATE DATABASE {name}")
         return self.dsn(name)
 
-    def sql(self, dbname: str, statement: str) -> None:
-        import psycopg2
-
-        conn = psycopg2.connect(self.dsn(dbname))
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(statement)
-        finally:
-            conn.close()
+    def sql(self, dbname: str, statement: str) -> str:
+        """Run ``statement`` with ``psql`` (no Python driver needed); its output."""
+        return self._run("psql", "-X", "-q", "-A", "-t", "-h", str(self.socket_dir), "-U",
+                         self.user, "-d", dbname, "-c", statement).stdout
 
     def pid(self) -> int | None:
         try:

@@ -38,7 +38,8 @@ def ours_python() -> Path:
 
 
 def ours_requirements() -> list[str]:
-    """``pyproject.toml``'s dependencies, plus uvloop."""
+    """``pyproject.toml``'s dependencies, plus uvloop and the relstorage extra (for
+    ``benchmarks/run.py --storage relstorage``)."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -47,7 +48,8 @@ def ours_requirements() -> list[str]:
 
     with open(REPO / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
-    return [*project["dependencies"], *project["optional-dependencies"]["uvloop"]]
+    extras = project["optional-dependencies"]
+    return [*project["dependencies"], *extras["uvloop"], *extras["relstorage"]]
 
 
 def _check_ref_version(py: Path) -> None:
