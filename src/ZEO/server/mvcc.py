@@ -151,16 +151,35 @@ class MVCCStorage:
         any later commit of ``oid`` it has published.
         """
         inst = self._synced(at_least)
-        snapshot = inst.lastTransaction() or z64
+        return self._load_at(inst, oid, tid), inst.lastTransaction() or z64
+
+    def load_many(self, requests: list[tuple[bytes, bytes]], at_least: bytes
+                  ) -> tuple[list[Any], bytes]:
+        """:meth:`load_before` of each ``(oid, tid)`` at one snapshot: ``(results,
+        snapshot)``, a result being the record, None, or the exception to answer with.
+        The current revisions come from the database in one query (``prefetch``)."""
+        inst = self._synced(at_least)
+        if len(requests) > 1:
+            inst.prefetch([oid for oid, _tid in requests])
+        results: list[Any] = []
+        for oid, tid in requests:
+            try:
+                results.append(self._load_at(inst, oid, tid))
+            except Exception as e:
+                results.append(plain_error(e, oid))
+        return results, inst.lastTransaction() or z64
+
+    def _load_at(self, inst: Any, oid: bytes, tid: bytes
+                 ) -> tuple[bytes, bytes, bytes | None] | None:
         try:
             data, serial = inst.load(oid)
         except POSKeyError:
             data = serial = None
         if serial is not None and serial < tid:
             self.loads_from_cache += 1
-            return (data, serial, None), snapshot
+            return (data, serial, None)
         self.loads_from_database += 1
-        return inst.loadBefore(oid, tid), snapshot
+        return inst.loadBefore(oid, tid)
 
     def loadBefore(self, oid: bytes, tid: bytes) -> Any:
         return self.load_before(oid, tid, tid)[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import socket
@@ -113,6 +114,10 @@ class _ServerDB:
     references = staticmethod(referencesf)
 
 
+#: Most MVCC loads answered from one snapshot and one query.
+LOAD_BATCH = 256
+
+
 class StorageState:
     """Everything the server keeps for one served storage.
 
@@ -133,6 +138,8 @@ class StorageState:
         #: MVCC loads whose record is newer than the published tid, until it is published:
         #: (serial, oid, result, snapshot, reply).
         self._held_loads: list[tuple[bytes, bytes, Any, bytes, Any]] = []
+        #: MVCC loads asked in this loop turn: (oid, tid, reply).
+        self._load_queue: list[tuple[bytes, bytes, Any]] = []
         self.loop = server.event_loop
         self.sessions: dict[Session, None] = {}
         self.invq: deque[tuple[bytes, Any]] = deque(maxlen=max(server.invalidation_queue_size, 1))
@@ -256,15 +263,29 @@ class StorageState:
     # -- MVCC reads ------------------------------------------------------------------------
 
     def load_mvcc(self, oid: bytes, tid: bytes, reply: Any) -> None:
-        """``loadBefore`` on a read thread, at a snapshot no older than the published tid;
-        :meth:`load_done` answers ``reply`` on the loop."""
-        at_least = self.published_tid
-        fut = self.loop.run_in_executor(self.server.read_executor,
-                                        self.storage.load_before, oid, tid, at_least)
-        fut.add_done_callback(lambda f: self.load_done(f, oid, reply))
+        """``loadBefore`` on a read thread, at a snapshot no older than the published tid.
 
-    def load_done(self, fut: asyncio.Future, oid: bytes, reply: Any) -> None:
-        """On the loop: answer an MVCC load so that no client keeps a stale revision.
+        The loads asked in one loop turn (a client's pipelined prefetches, several clients'
+        misses) go to the read thread together: one snapshot, one query for their current
+        revisions.  :meth:`_loads_done` answers each ``reply`` on the loop.
+        """
+        self._load_queue.append((oid, tid, reply))
+        if len(self._load_queue) == 1:
+            self.loop.call_soon(self._drain_loads)
+
+    def _drain_loads(self) -> None:
+        queue, self._load_queue = self._load_queue, []
+        at_least = self.published_tid
+        for i in range(0, len(queue), LOAD_BATCH):
+            batch = queue[i:i + LOAD_BATCH]
+            fut = self.loop.run_in_executor(
+                self.server.read_executor, self.storage.load_many,
+                [(oid, tid) for oid, tid, _reply in batch], at_least)
+            fut.add_done_callback(functools.partial(self._loads_done, batch=batch))
+
+    def _loads_done(self, fut: asyncio.Future, *, batch: list[tuple[bytes, bytes, Any]]
+                    ) -> None:
+        """On the loop: answer MVCC loads so that no client keeps a stale revision.
 
         A record newer than the published tid waits until it is published (its
         invalidation goes first).  A record current at the snapshot but changed by a commit
@@ -272,16 +293,20 @@ class StorageState:
         """
         exc = None if fut.cancelled() else fut.exception()
         if exc is not None or fut.cancelled():
-            reply.fail(exc or asyncio.CancelledError())
+            for _oid, _tid, reply in batch:
+                reply.fail(exc or asyncio.CancelledError())
             return
-        result, snapshot = fut.result()
-        if result is None:
-            reply.resolve(None)
-            return
-        if result[1] > self.published_tid:
-            self._held_loads.append((result[1], oid, result, snapshot, reply))
-            return
-        reply.resolve(self._closed_at_publish(oid, result, snapshot))
+        results, snapshot = fut.result()
+        published = self.published_tid
+        for (oid, _tid, reply), result in zip(batch, results):
+            if isinstance(result, BaseException):
+                reply.fail(result)
+            elif result is None:
+                reply.resolve(None)
+            elif result[1] > published:
+                self._held_loads.append((result[1], oid, result, snapshot, reply))
+            else:
+                reply.resolve(self._closed_at_publish(oid, result, snapshot))
 
     def _closed_at_publish(self, oid: bytes, result: tuple, snapshot: bytes) -> tuple:
         data, serial, end = result
