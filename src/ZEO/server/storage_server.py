@@ -116,6 +116,8 @@ class _ServerDB:
 
 #: Most MVCC loads answered from one snapshot and one query.
 LOAD_BATCH = 256
+#: Longest an MVCC load reply waits for the publication of the commit it read.
+HOLD_LIMIT = 1.0
 
 
 class StorageState:
@@ -304,6 +306,8 @@ class StorageState:
             elif result is None:
                 reply.resolve(None)
             elif result[1] > published:
+                if not self._held_loads:
+                    self.loop.call_later(HOLD_LIMIT, self._release_stale_loads)
                 self._held_loads.append((result[1], oid, result, snapshot, reply))
             else:
                 reply.resolve(self._closed_at_publish(oid, result, snapshot))
@@ -326,6 +330,15 @@ class StorageState:
         if first is not None and (end is None or end > first):
             return data, serial, first
         return result
+
+    def _release_stale_loads(self) -> None:
+        """Answer loads held for a commit this server has not published within
+        :data:`HOLD_LIMIT` (one made by another writer of the database): a client's cache
+        takes a record before its invalidation (zeo-facts §4.4), so waiting is an ordering
+        nicety, never worth a hang."""
+        held, self._held_loads = self._held_loads, []
+        for _serial, oid, result, snapshot, reply in held:
+            reply.resolve(self._closed_at_publish(oid, result, snapshot))
 
     def release_held_loads(self) -> None:
         held = self._held_loads

@@ -81,6 +81,7 @@ class ZEOStorage:
         self._iterator_last: dict[int, Any] = {}
         self._next_iterator_id = 0
         self._blob_upload: tuple[Any, str] | None = None
+        self._iteration_lock: asyncio.Lock | None = None  # MVCC storages: one step at a time
 
     @property
     def label(self) -> str:
@@ -260,40 +261,64 @@ class ZEOStorage:
                 except Exception:
                     logger.exception("(%s) closing an iterator", self.label)
 
-    def iterator_start(self, start: Any = None, stop: Any = None) -> int:
+    def _iteration(self, func: Callable[..., Any], *args: Any,
+                   then: Callable[[Any], Any]) -> Any:
+        """``then(func(*args))``, where ``func`` is one step of a storage iterator: inline,
+        or, for an MVCC storage (each step may be a database query), on a read thread with
+        this connection's steps one at a time."""
+        assert self.state is not None
+        if not self.state.mvcc:
+            return then(func(*args))
+        if self._iteration_lock is None:
+            self._iteration_lock = asyncio.Lock()
+        lock = self._iteration_lock
+
+        async def run() -> Any:
+            async with lock:
+                result = await self.loop.run_in_executor(self.server.read_executor, func,
+                                                         *args)
+            return then(result)
+
+        return asyncio.ensure_future(run(), loop=self.loop)
+
+    def iterator_start(self, start: Any = None, stop: Any = None) -> Any:
         _check_tid_arg(start)
         _check_tid_arg(stop)
         self._check_iterator_room()
-        return self._add_iterator(iter(self.storage.iterator(start, stop)))
+        storage = self.storage
+        return self._iteration(lambda: iter(storage.iterator(start, stop)),
+                               then=self._add_iterator)
 
-    def iterator_next(self, iid: int) -> Any:
+    def _iterator(self, iid: Any) -> Any:
         it = self._iterators.get(iid) if type(iid) is int else None
         if it is None:
             raise KeyError(iid if type(iid) is int else peer_repr(iid, 40))
-        try:
-            txn = next(it)
-        except StopIteration:
-            self._drop_iterator(iid)
-            return None
-        self._iterator_last[iid] = txn
-        return (txn.tid, txn.status, txn.user, txn.description, txn.extension)
+        return it
 
-    def iterator_record_start(self, txn_iid: int, tid: bytes) -> int:
+    def iterator_next(self, iid: int) -> Any:
+        def reply(txn: Any) -> Any:
+            if txn is _END:
+                self._drop_iterator(iid)
+                return None
+            self._iterator_last[iid] = txn
+            return (txn.tid, txn.status, txn.user, txn.description, txn.extension)
+
+        return self._iteration(_step, self._iterator(iid), then=reply)
+
+    def iterator_record_start(self, txn_iid: int, tid: bytes) -> Any:
         txn = self._iterator_last.get(txn_iid) if type(txn_iid) is int else None
         if txn is None or txn.tid != tid:
             raise Exception(f"Out-of-order request for records of {peer_repr(tid, 40)}")
-        return self._add_iterator(iter(txn))
+        return self._iteration(iter, txn, then=self._add_iterator)
 
     def iterator_record_next(self, riid: int) -> Any:
-        it = self._iterators.get(riid) if type(riid) is int else None
-        if it is None:
-            raise KeyError(riid if type(riid) is int else peer_repr(riid, 40))
-        try:
-            rec = next(it)
-        except StopIteration:
-            self._drop_iterator(riid)
-            return None
-        return (rec.oid, rec.tid, rec.data, rec.data_txn)
+        def reply(rec: Any) -> Any:
+            if rec is _END:
+                self._drop_iterator(riid)
+                return None
+            return (rec.oid, rec.tid, rec.data, rec.data_txn)
+
+        return self._iteration(_step, self._iterator(riid), then=reply)
 
     def iterator_gc(self, iids: Any) -> None:
         for iid in iids:
@@ -527,6 +552,17 @@ class ZEOStorage:
         if self.txn is txn:
             self.txn = None
         txn.move_to(TxnPhase.ENDED)
+
+
+_END = object()  # an iterator's end, as a step's result
+
+
+def _step(it: Any) -> Any:
+    """The next item of ``it``, or :data:`_END`."""
+    try:
+        return next(it)
+    except StopIteration:
+        return _END
 
 
 def _check_oid(oid: Any) -> None:
