@@ -87,6 +87,7 @@ def test_write_conflicts_are_conflict_errors(rs_server, closing):
         conn.root()["x"] = PersistentMapping(n=0)
     tm1, tm2 = transaction.TransactionManager(), transaction.TransactionManager()
     c1, c2 = db1.open(tm1), db2.open(tm2)
+    tm2.begin()  # server_sync: sees the commit above
     c1.root()["x"]["n"] = 1
     c2.root()["x"]["n"] = 2
     tm1.commit()
@@ -201,3 +202,35 @@ def test_blobs(rs_server, closing, tmp_path, shared):
             conn.close()
 
     wait_until(reads_second, timeout=10)
+
+
+def test_relstorage_never_resolves_conflicts_itself(rs_server, closing):
+    """A store that claims an existing object is new reaches RelStorage's own conflict
+    resolution, which would import whatever module a record names: the server makes it
+    refuse, so the client gets a ConflictError and the object is untouched."""
+    from relstorage.storage.tpc.vote import _CachedConflictResolver
+
+    from support.wire import RemoteError, WireClient
+
+    srv = rs_server()
+    db = closing(ZEO.DB(srv.addr))
+    with db.transaction() as conn:
+        conn.root()["len"] = length = Length()
+    oid = length._p_oid
+    data = db.storage.load(oid)[0]
+    with WireClient(srv.addr) as c:
+        c.call("register", "1", False)
+        c.async_call("tpc_begin", 1, b"", b"", {}, None, " ")
+        c.async_call("storea", oid, b"\0" * 8, data, 1)
+        with pytest.raises(RemoteError) as e:
+            c.call("vote", 1)
+        assert e.value.args[0].endswith("ConflictError"), e.value
+        c.call("tpc_abort", 1)
+    with db.transaction() as conn:
+        assert conn.root()["len"]() == 0
+    # In this process too, once a server has served RelStorage:
+    from ZEO.server.mvcc import _refuse_storage_resolution
+
+    _refuse_storage_resolution()
+    with pytest.raises(ConflictError):
+        _CachedConflictResolver.tryToResolveConflict(None, oid, b"1" * 8, b"2" * 8, data)

@@ -32,7 +32,7 @@ from typing import Any
 
 import zope.interface
 from ZODB.interfaces import IMVCCStorage
-from ZODB.POSException import ConflictError, POSKeyError, ReadConflictError
+from ZODB.POSException import ConflictError, POSKeyError, ReadConflictError, StorageError
 from ZODB.utils import p64, u64, z64
 
 logger = logging.getLogger("ZEO.StorageServer")
@@ -51,14 +51,48 @@ def is_mvcc(storage: Any) -> bool:
 
 def plain_error(exc: BaseException, oid: bytes | None = None) -> BaseException:
     """ZODB's own exception for a storage-specific one (RelStorage's subclasses, whose text
-    names the database and its DSN): what a client can decode and a peer may read."""
+    names the database, its DSN, pids and threads): what a client can decode and a peer may
+    read.  Anything else from the storage's own modules becomes a ``StorageError`` naming
+    its class only (the server logs the original)."""
+    if type(exc).__name__ == "CacheConsistencyError":
+        # RelStorage's vote met a conflict its own resolution could not place (the server
+        # resolves real ones first): a conflict to the client.
+        return ConflictError(oid=oid)
     if isinstance(exc, POSKeyError):
         return POSKeyError(oid if oid is not None else (exc.args[0] if exc.args else None))
     if isinstance(exc, ConflictError) and type(exc) not in (ConflictError, ReadConflictError):
         kind = ReadConflictError if isinstance(exc, ReadConflictError) else ConflictError
         serials = exc.serials if getattr(exc, "serials", None) else None
         return kind(oid=exc.oid, serials=serials)
+    if type(exc).__module__.split(".")[0] == "relstorage":
+        logger.error("storage error: %s", exc, exc_info=exc)
+        return StorageError(f"{type(exc).__name__} in the storage (see the server's log)")
     return exc
+
+
+def _refuse_storage_resolution() -> None:
+    """Make RelStorage's own conflict resolution (inside its vote) refuse every conflict.
+
+    It unpickles records with ZODB's ``find_global``, which imports any module a record
+    names: a client must never reach it (docs/security.rst).  The server resolves conflicts
+    itself before RelStorage votes (:meth:`MVCCStorage.store`), so RelStorage only meets one
+    that a client forced (a store claiming an existing object is new) or a commit made
+    elsewhere in between: a ConflictError is the answer to both.
+    """
+    try:
+        from relstorage.storage.tpc import vote
+    except ImportError:
+        return
+    resolver = getattr(vote, "_CachedConflictResolver", None)
+    if resolver is None or getattr(resolver, "_zeo_refuses", False):
+        return
+
+    def refuse(self: Any, oid: bytes, committedSerial: bytes, oldSerial: bytes,  # noqa: N803
+               newpickle: bytes, committedData: bytes = b"") -> bytes:
+        raise ConflictError(oid=oid, serials=(committedSerial, oldSerial), data=newpickle)
+
+    resolver.tryToResolveConflict = refuse
+    resolver._zeo_refuses = True
 
 
 def _plain_errors(method: Any) -> Any:
@@ -67,7 +101,7 @@ def _plain_errors(method: Any) -> Any:
     def call(self: Any, *args: Any, **kw: Any) -> Any:
         try:
             return method(self, *args, **kw)
-        except (POSKeyError, ConflictError) as e:
+        except Exception as e:
             plain = plain_error(e, args[0] if args and type(args[0]) is bytes else None)
             if plain is e:
                 raise
@@ -91,6 +125,7 @@ class MVCCStorage:
                 f"storage {storage_id!r}: a history-free RelStorage (keep-history false) keeps no "
                 "old revisions, and ZEO clients read them (loadBefore at their snapshot): "
                 "set keep-history true in the <relstorage> section")
+        _refuse_storage_resolution()
         self.base = base
         self._local = threading.local()
         self._instances: list[Any] = []
@@ -203,15 +238,19 @@ class MVCCStorage:
     def history(self, oid: bytes, size: int = 1) -> Any:
         return self._synced().history(oid, size=size)
 
+    @_plain_errors
     def record_iternext(self, next: Any = None) -> Any:
         return self._instance().record_iternext(next)
 
+    @_plain_errors
     def iterator(self, start: bytes | None = None, stop: bytes | None = None) -> Any:
         return self._synced().iterator(start, stop)
 
+    @_plain_errors
     def undoLog(self, first: int = 0, last: int = -20) -> Any:
         return self._synced().undoLog(first, last)
 
+    @_plain_errors
     def undoInfo(self, first: int = 0, last: int = -20, specification: Any = None) -> Any:
         return self._synced().undoInfo(first, last, specification)
 
@@ -281,9 +320,11 @@ class MVCCStorage:
     def temporaryDirectory(self) -> str:
         return self.base.temporaryDirectory()
 
+    @_plain_errors
     def new_oid(self) -> bytes:
         return self._instance().new_oid()
 
+    @_plain_errors
     def pack(self, t: float, referencesf: Any) -> None:
         self._synced().pack(t, referencesf)
         self._generation += 1
@@ -303,6 +344,7 @@ class MVCCStorage:
 
     # -- the commit path (its worker thread) ---------------------------------------------------
 
+    @_plain_errors
     def tpc_begin(self, txn: Any, tid: bytes | None = None, status: str = " ") -> None:
         inst = self._synced()  # conflicts are judged against the newest state
         self._resolved = []
@@ -320,7 +362,10 @@ class MVCCStorage:
     @_plain_errors
     def store(self, oid: bytes, serial: bytes, data: bytes, version: str, txn: Any) -> None:
         inst = self._instance()
-        committed = self._current_serial(inst, oid)
+        # A new object (serial z64) has nothing to conflict with; one that exists after all
+        # is refused by RelStorage's vote (_refuse_storage_resolution).  Checking costs a
+        # query per object the cache does not hold: a bulk import would pay one per record.
+        committed = None if serial == z64 else self._current_serial(inst, oid)
         if committed is not None and committed != serial:
             resolve = self.tryToResolveConflict
             if resolve is None:
@@ -344,6 +389,7 @@ class MVCCStorage:
                 prev_txn: bytes | None, txn: Any) -> None:
         self._instance().restore(oid, serial, data, version, prev_txn, txn)
 
+    @_plain_errors
     def restoreBlob(self, *args: Any) -> None:
         self._instance().restoreBlob(*args)
 
@@ -364,6 +410,7 @@ class MVCCStorage:
         voted = self._instance().tpc_vote(txn) or ()
         return list(dict.fromkeys([*self._resolved, *voted]))
 
+    @_plain_errors
     def tpc_finish(self, txn: Any, f: Any = None) -> bytes:
         inst = self._instance()
         tid = inst.tpc_finish(txn, f)
