@@ -78,6 +78,8 @@ class ServerOptions:
     read_only: bool = False
     invalidation_queue_size: int = 100
     invalidation_age: float | None = None
+    relay_poll_interval: float = 1.0
+    relay_notify: bool = True
     transaction_timeout: float | None = 30.0
     pid_filename: str | None = None
     client_conflict_resolution: bool = False
@@ -159,6 +161,8 @@ def options_from_config(root) -> ServerOptions:
         read_only=z.read_only,
         invalidation_queue_size=z.invalidation_queue_size,
         invalidation_age=z.invalidation_age,
+        relay_poll_interval=z.relay_poll_interval,
+        relay_notify=z.relay_notify,
         transaction_timeout=z.transaction_timeout or None,
         pid_filename=z.pid_filename,
         client_conflict_resolution=z.client_conflict_resolution,
@@ -456,6 +460,8 @@ class ZEOServer:
                 read_only=o.read_only,
                 invalidation_queue_size=o.invalidation_queue_size,
                 invalidation_age=o.invalidation_age,
+                relay_poll_interval=o.relay_poll_interval,
+                relay_notify=o.relay_notify,
                 transaction_timeout=o.transaction_timeout,
                 ssl=o.ssl_context,
                 authorization=o.authorization,

@@ -22,6 +22,8 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, StorageTransactionError
 from ZODB.utils import z64
 
+from .relay import CHANNEL as RELAY_CHANNEL
+
 if TYPE_CHECKING:
     from .session import PendingReply
     from .storage_server import StorageState
@@ -519,12 +521,22 @@ class CommitPath:
         txn.move_to(TxnPhase.FINISHING)
         self.finishing = True
         storage = self.storage
+        mvcc = self.state.mvcc
+        published = self.state.published_tid
+        notify = self.server.relay_notify
 
-        def tpc_finish() -> bytes:  # on the commit worker
+        def tpc_finish() -> Any:  # on the commit worker
             reported: list[bytes] = []
             tid = storage.tpc_finish(txn.meta, reported.append)
             # ZODB 5 storages return the tid; older ones only pass it to the callback.
-            return tid or (reported[0] if reported else storage.lastTransaction())
+            tid = tid or (reported[0] if reported else storage.lastTransaction())
+            if not mvcc:
+                return tid
+            # Commits other servers made before ours are published before it (ZEO.server.relay).
+            before = storage.transactions_between(published, tid)
+            if notify:
+                storage.notify(RELAY_CHANNEL, tid)
+            return tid, before
 
         self._on_worker(tpc_finish, (),
                         lambda ok, result: self._finished(api, txn, reply, ok, result))
@@ -532,14 +544,21 @@ class CommitPath:
     def _finished(self, api: ZEOStorage, txn: ServerTransaction, reply: PendingReply,
                   ok: bool, result: Any) -> None:
         """On the loop, after the storage's tpc_finish returned ``tid`` or raised."""
-        self.finishing = False
         if not ok:
+            self.finishing = False
             logger.critical("(%s) tpc_finish failed on %r", api.label, self.state.storage_id,
                             exc_info=result)
             self._end(api, txn, aborted=True)
             reply.fail(result)
+            if self.state.mvcc:
+                self.state.publish_found(())
             return
-        tid = result
+        if self.state.mvcc:
+            tid, before = result
+            self.state.publish_found(before, below=tid)
+        else:
+            tid = result
+        self.finishing = False
         oids: list[bytes] | None = list(dict.fromkeys(txn.invalidated))
         if not self.state.record(tid, oids):  # type: ignore[arg-type]
             oids = None  # a tid not after the last one: not broadcast (record() logged it)
@@ -559,6 +578,10 @@ class CommitPath:
         # reports until its tpc_finish.
         info = {"length": len(self.storage), "size": self.storage.getSize()}
         reply.resolve(OnewaysThenReply((("info", (info,)),), tid))
+        if self.state.mvcc:
+            # What the relay found meanwhile: newer than tid, so after the committer's reply
+            # (a client must not hear of a tid above its commit's before the commit's reply).
+            self.state.publish_found(())
 
     def abort(self, api: ZEOStorage, txn: ServerTransaction,
               reply: PendingReply | None) -> None:

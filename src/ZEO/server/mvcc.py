@@ -39,6 +39,8 @@ logger = logging.getLogger("ZEO.StorageServer")
 
 #: Seconds between two measures of the storage's length and size.
 SIZE_INTERVAL = 10.0
+#: Most transactions the relay reads in one query.
+RELAY_BATCH = 1000
 
 
 class UnservableStorage(ValueError):
@@ -129,6 +131,7 @@ class MVCCStorage:
         self.base = base
         self._local = threading.local()
         self._instances: list[Any] = []
+        self._poll_connections: list[tuple[Any, Any]] = []
         self._instances_lock = threading.Lock()
         self._resolved: list[bytes] = []
         #: The server's allow-listed resolver (StorageState sets it).
@@ -279,6 +282,104 @@ class MVCCStorage:
             adapter.connmanager.close(conn, cursor)
         return p64(newest), oids
 
+    # -- the relay (ZEO.server.relay): commits made through other servers -------------------
+
+    def _poll_cursor(self) -> tuple[Any, Any] | None:
+        """This thread's connection for the relay's queries and notifications (read
+        committed, its own transactions), or None when the storage is not RelStorage."""
+        adapter: Any = getattr(self.base, "_adapter", None)
+        if adapter is None or not hasattr(adapter, "connmanager"):
+            return None
+        pair = getattr(self._local, "poll", None)
+        if pair is None:
+            pair = self._local.poll = adapter.connmanager.open()
+            with self._instances_lock:
+                self._poll_connections.append(pair)
+        return pair
+
+    def transactions_between(self, lo: bytes, hi: bytes | None
+                             ) -> list[tuple[bytes, list[bytes]]]:
+        """The committed transactions after ``lo`` (and before ``hi``), oldest first, each
+        with the oids it changed: at most :data:`RELAY_BATCH` of them (the rest next time).
+
+        Every commit before a visible one is visible too (RelStorage chooses tids and
+        commits under one lock), so the list has no gaps.
+        """
+        pair = self._poll_cursor()
+        if pair is None:
+            return []
+        conn, cursor = pair
+        params: tuple = (u64(lo),) if hi is None else (u64(lo), u64(hi))
+        try:
+            cursor.execute(
+                "SELECT tid FROM transaction WHERE tid > %s"
+                + ("" if hi is None else " AND tid < %s")
+                + f" ORDER BY tid LIMIT {RELAY_BATCH}", params)
+            tids = [row[0] for row in cursor.fetchall()]
+            oids: dict[int, list[bytes]] = {tid: [] for tid in tids}
+            if tids:
+                cursor.execute("SELECT tid, zoid FROM object_state WHERE tid >= %s AND "
+                               "tid <= %s", (tids[0], tids[-1]))
+                for tid, zoid in cursor.fetchall():
+                    if tid in oids:
+                        oids[tid].append(p64(zoid))
+            conn.rollback()
+        except Exception:
+            self._drop_poll_connection()
+            raise
+        return [(p64(tid), oids[tid]) for tid in tids]
+
+    def _drop_poll_connection(self) -> None:
+        pair = getattr(self._local, "poll", None)
+        self._local.poll = None
+        if pair is not None:
+            with self._instances_lock:
+                if pair in self._poll_connections:
+                    self._poll_connections.remove(pair)
+            try:
+                self.base._adapter.connmanager.close(*pair)
+            except Exception:
+                pass
+
+    def notify(self, channel: str, tid: bytes) -> None:
+        """Wake the other servers' relays (a hint: they poll anyway)."""
+        pair = self._poll_cursor()
+        if pair is None:
+            return
+        conn, cursor = pair
+        try:
+            cursor.execute("SELECT pg_notify(%s, %s)", (channel, tid.hex()))
+            conn.commit()
+        except Exception:
+            logger.debug("NOTIFY failed", exc_info=True)
+            self._drop_poll_connection()
+
+    def listen(self, channel: str) -> Any:
+        """A connection listening on ``channel`` (psycopg2 only), or None."""
+        adapter: Any = getattr(self.base, "_adapter", None)
+        if adapter is None or not hasattr(adapter, "connmanager"):
+            return None
+        try:
+            conn, cursor = adapter.connmanager.open()
+            if not hasattr(conn, "notifies") or not hasattr(conn, "poll"):
+                adapter.connmanager.close(conn, cursor)
+                return None  # not psycopg2: poll only
+            conn.rollback()
+            conn.autocommit = True
+            cursor.execute(f"LISTEN {channel}")
+            cursor.close()
+            return conn
+        except Exception:
+            logger.warning("cannot LISTEN on %s: polling only", channel, exc_info=True)
+            return None
+
+    @staticmethod
+    def drain_notifications(conn: Any) -> int:
+        conn.poll()
+        n = len(conn.notifies)
+        del conn.notifies[:]
+        return n
+
     # -- what the server asks of any storage ----------------------------------------------
 
     def lastTransaction(self) -> bytes:
@@ -335,6 +436,12 @@ class MVCCStorage:
     def close(self) -> None:
         with self._instances_lock:
             instances, self._instances = self._instances, []
+            polls, self._poll_connections = self._poll_connections, []
+        for pair in polls:
+            try:
+                self.base._adapter.connmanager.close(*pair)
+            except Exception:
+                pass
         for inst in instances:
             try:
                 inst.release()

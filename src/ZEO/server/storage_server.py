@@ -31,6 +31,7 @@ from .. import address
 from ..protocol.framing import DEFAULT_MAX_MESSAGE_SIZE
 from .commit import CommitPath
 from .mvcc import MVCCStorage, is_mvcc
+from .relay import Relay
 from .resolve import ClassAllowList, ConflictResolver
 from .session import Session
 
@@ -142,6 +143,10 @@ class StorageState:
         self._held_loads: list[tuple[bytes, bytes, Any, bytes, Any]] = []
         #: MVCC loads asked in this loop turn: (oid, tid, reply).
         self._load_queue: list[tuple[bytes, bytes, Any]] = []
+        #: Commits the relay found while one of ours was finishing (publish_found).
+        self._found: list[tuple[bytes, list[bytes]]] = []
+        #: Commits made through other servers of the database (ZEO.server.relay), or None.
+        self.relay: Relay | None = None
         self.loop = server.event_loop
         self.sessions: dict[Session, None] = {}
         self.invq: deque[tuple[bytes, Any]] = deque(maxlen=max(server.invalidation_queue_size, 1))
@@ -255,6 +260,42 @@ class StorageState:
         return latest, list(oids)
 
     # -- invalidations -----------------------------------------------------------------
+
+    def publish_found(self, found: Any, below: bytes | None = None) -> None:
+        """On the loop: publish commits found in the database (made through other servers),
+        oldest first, to every session.  While a commit of ours finishes they wait: it
+        publishes the ones before its tid first (``below``: CommitPath._finished), its own,
+        then, after its committer's reply, the rest."""
+        if found:
+            self._found.extend(found)
+        if (self.commits.finishing and below is None) or not self._found:
+            return
+        found = sorted(self._found)
+        if below is None:
+            self._found = []
+        else:
+            self._found = [f for f in found if f[0] >= below]
+            found = [f for f in found if f[0] < below]
+        published = self.published_tid
+        for tid, oids in found:
+            if tid > published and self.record(tid, oids):
+                published = tid
+                self.broadcast(tid, oids, None)
+        self.release_held_loads()
+
+    def catch_up(self) -> asyncio.Future:
+        """Publish every commit the database holds now (``register``, ``lastTransaction``
+        of an MVCC storage: a client is never told a tid older than the database's)."""
+        fut = self.loop.run_in_executor(self.server.read_executor,
+                                        self.storage.transactions_between,
+                                        self.published_tid, None)
+
+        def done(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.publish_found(f.result())
+
+        fut.add_done_callback(done)
+        return fut
 
     def publish(self, tid: bytes, oids: list, committer: Session | None) -> None:
         """On the loop: record ``tid`` and send its invalidations to every other session."""
@@ -409,6 +450,7 @@ class StorageState:
             lock_wait_seconds=self.commits.lock_wait_seconds,
             lock_hold_seconds=self.commits.lock_hold_seconds,
             loads_behind_finish=self.stats_loads_behind_finish,
+            relay=self.relay.statistics() if self.relay is not None else None,
         )
 
 
@@ -507,6 +549,8 @@ class StorageServer:
         invalidation_queue_size: int = 100,
         invalidation_age: float | None = None,
         transaction_timeout: float | None = 30.0,
+        relay_poll_interval: float = 1.0,
+        relay_notify: bool = True,
         ssl: Any = None,
         authorization: Any = None,
         client_conflict_resolution: bool = False,
@@ -537,6 +581,10 @@ class StorageServer:
         self.read_only = bool(read_only)
         self.invalidation_queue_size = int(invalidation_queue_size)
         self.invalidation_age = invalidation_age
+        #: MVCC storages: seconds between polls for other servers' commits (0: no relay),
+        #: and whether our commits NOTIFY the other servers (ZEO.server.relay).
+        self.relay_poll_interval = relay_poll_interval
+        self.relay_notify = relay_notify
         self.transaction_timeout = transaction_timeout
         self.client_conflict_resolution = bool(client_conflict_resolution)
         #: What server-side conflict resolution may unpickle (ZEO.server.resolve).
@@ -598,6 +646,10 @@ class StorageServer:
             self.event_loop.close()
             raise
         self.addr = self.addresses[0]
+        for state in self.states.values():
+            if state.mvcc and relay_poll_interval > 0:
+                state.relay = Relay(state, relay_poll_interval, relay_notify)
+                state.relay.start()
         self.admin: Any = None  # ZEO.server.admin.AdminServer
         self.metrics: Any = None  # ZEO.server.metrics.MetricsExporter
         self._start_operator_tools(admin_socket, metrics_address)
@@ -803,6 +855,8 @@ class StorageServer:
             await asyncio.sleep(0.01)
         for state in self.states.values():
             await loop.run_in_executor(None, state.commits.worker.shutdown, True)
+            if state.relay is not None:
+                await loop.run_in_executor(None, state.relay.stop)
         self.read_executor.shutdown(wait=False)
         for sid, storage in self.storages.items():
             logger.info("closing storage %r", sid)

@@ -131,7 +131,25 @@ class ZEOStorage:
         self.session.registered(state)
         logger.info("(%s) registered on storage %r%s", self.label, storage_id,
                     " read-only" if self.read_only else "")
-        return state.published_tid
+        return self._caught_up()
+
+    def _caught_up(self) -> Any:
+        """The published tid; for an MVCC storage, once every commit the database holds
+        (other servers' too) is published: a future."""
+        state = self.state
+        assert state is not None
+        if not state.mvcc:
+            return state.published_tid
+
+        async def caught_up() -> bytes:
+            try:
+                await state.catch_up()
+            except Exception:
+                logger.warning("(%s) catching up with the database failed", self.label,
+                               exc_info=True)
+            return state.published_tid
+
+        return asyncio.ensure_future(caught_up(), loop=self.loop)
 
     def set_client_label(self, label: Any) -> None:
         if type(label) is not str:
@@ -142,7 +160,12 @@ class ZEOStorage:
         label = "".join(c if c.isprintable() else "?" for c in label[:MAX_LABEL])
         self.session.set_label(label)
 
-    def ping(self) -> None:
+    def ping(self) -> Any:
+        # A client with server_sync pings at each transaction start: on an MVCC storage the
+        # reply then follows every commit the database held (other servers' too).
+        if self.state is not None and self.state.mvcc:
+            fut = self._caught_up()
+            return asyncio.ensure_future(_nothing(fut), loop=self.loop)
         return None
 
     def server_status(self) -> dict:
@@ -155,9 +178,8 @@ class ZEOStorage:
         assert self.state is not None
         return self.state.info()
 
-    def lastTransaction(self) -> bytes:
-        assert self.state is not None
-        return self.state.published_tid
+    def lastTransaction(self) -> Any:
+        return self._caught_up()
 
     def loadBefore(self, oid: bytes, tid: bytes) -> Any:
         state = self.state
@@ -552,6 +574,10 @@ class ZEOStorage:
         if self.txn is txn:
             self.txn = None
         txn.move_to(TxnPhase.ENDED)
+
+
+async def _nothing(fut: Any) -> None:
+    await fut
 
 
 _END = object()  # an iterator's end, as a step's result

@@ -1,0 +1,227 @@
+"""A fleet: several of our servers over one PostgreSQL database (issue 24).
+
+Three ``runzeo`` processes serve the same RelStorage database; each relays the others'
+commits to its clients (ZEO.server.relay).  Checked: a commit through one server reaches the
+clients of the others, with NOTIFY and by polling alone; a client registering anywhere sees
+every commit made before; a server publishes the other servers' earlier commits before its
+own (even when its relay is slow); conflicts across servers are ConflictErrors and resolvable
+ones resolve; every client sees each writer's counter only go up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import transaction
+from BTrees.Length import Length
+from persistent.mapping import PersistentMapping
+from ZODB.POSException import ConflictError
+
+import ZEO
+from support.postgres import relstorage_section
+from support.servers import start_server
+from support.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def fleet(postgres, tmp_path):
+    """``fleet(n=3, zeo_extra="" or a list, one per server)``: servers over one database."""
+    servers = []
+
+    def make(n: int = 3, zeo_extra: str | list[str] = ""):
+        dsn = postgres.create_database("fleet")
+        extras = zeo_extra if isinstance(zeo_extra, list) else [zeo_extra] * n
+        for i, extra in enumerate(extras):
+            servers.append(start_server("ours", tmp_path / f"s{i}", relstorage_section(dsn),
+                                        extra))
+        return servers
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+def _value(db, key: str, field: str = "n"):
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    try:
+        tm.begin()
+        root = conn.root()
+        return root[key][field] if key in root else None
+    finally:
+        tm.abort()
+        conn.close()
+
+
+@pytest.mark.parametrize("notify", [True, False], ids=["notify", "polling"])
+def test_a_commit_reaches_the_clients_of_every_server(fleet, closing, notify):
+    extra = "relay-notify true" if notify else "relay-notify false\nrelay-poll-interval 0.2"
+    a, b, c = fleet(3, extra)
+    dbs = [closing(ZEO.DB(s.addr)) for s in (a, b, c)]
+    with dbs[0].transaction() as conn:
+        conn.root()["x"] = PersistentMapping(n=1)
+    for db in dbs[1:]:
+        wait_until(lambda db=db: _value(db, "x") == 1, timeout=10)
+    with dbs[2].transaction() as conn:
+        conn.root()["x"]["n"] = 2
+    for db in dbs[:2]:
+        wait_until(lambda db=db: _value(db, "x") == 2, timeout=10)
+
+
+def test_registering_anywhere_sees_every_earlier_commit(fleet, closing):
+    # No NOTIFY and a slow poll: only the catch-up at registration can show the commit.
+    a, b = fleet(2, "relay-notify false\nrelay-poll-interval 30")
+    db_a = closing(ZEO.DB(a.addr))
+    for n in range(1, 4):
+        with db_a.transaction() as conn:
+            conn.root()["x"] = PersistentMapping(n=n)
+        db_b = ZEO.DB(b.addr)
+        try:
+            with db_b.transaction() as conn:
+                assert conn.root()["x"]["n"] == n
+        finally:
+            db_b.close()
+
+
+def test_a_server_publishes_earlier_commits_before_its_own(fleet, closing):
+    """Server b's relay is slow (no NOTIFY, 30 s polls): its client commits after a's client
+    did; before b's reply to that commit, b's client has a's change (ZEO's rule: every
+    invalidation below T before the reply to tpc_finish(T))."""
+    a, b = fleet(2, ["", "relay-notify false\nrelay-poll-interval 30"])
+    db_a = closing(ZEO.DB(a.addr))
+    with db_a.transaction() as conn:
+        conn.root()["other"] = PersistentMapping(n=0)
+        conn.root()["mine"] = PersistentMapping(n=0)
+    db_b = closing(ZEO.DB(b.addr))  # registered after that commit: it knows both objects
+    tm = transaction.TransactionManager()
+    conn_b = db_b.open(tm)
+    tm.begin()
+    assert conn_b.root()["other"]["n"] == 0
+    with db_a.transaction() as conn:
+        conn.root()["other"]["n"] = 1
+    # b has not relayed a's commit (its relay sleeps 30 s).  b's client commits:
+    conn_b.root()["mine"]["n"] = 1
+    tm.commit()
+    tm.begin()
+    assert conn_b.root()["other"]["n"] == 1
+    conn_b.close()
+
+
+def test_conflicts_across_servers(fleet, closing):
+    a, b = fleet(2)
+    db_a = closing(ZEO.DB(a.addr))
+    db_b = closing(ZEO.DB(b.addr))
+    with db_a.transaction() as conn:
+        conn.root()["x"] = PersistentMapping(n=0)
+        conn.root()["len"] = Length()
+    wait_until(lambda: _value(db_b, "x") == 0, timeout=10)
+    tm_a, tm_b = transaction.TransactionManager(), transaction.TransactionManager()
+    ca, cb = db_a.open(tm_a), db_b.open(tm_b)
+    tm_a.begin()
+    tm_b.begin()
+    ca.root()["x"]["n"] = 1
+    cb.root()["x"]["n"] = 2
+    tm_a.commit()
+    with pytest.raises(ConflictError):
+        tm_b.commit()
+    tm_b.abort()
+    ca.close()
+    cb.close()
+
+    errors: list[str] = []
+
+    def bump(db, times: int) -> None:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        try:
+            for _ in range(times):
+                for _attempt in range(50):
+                    try:
+                        tm.begin()
+                        conn.root()["len"].change(1)
+                        tm.commit()
+                        break
+                    except ConflictError:
+                        tm.abort()
+                else:
+                    errors.append("gave up")
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=bump, args=(db, 20)) for db in (db_a, db_b, db_a, db_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # Every one of the 80 increments counted, as seen through either server (the last ones
+    # reach a client of the other server when relayed: soon).
+    for db in (db_a, db_b):
+        wait_until(lambda db=db: _length(db) == 80, timeout=10,
+                   what=f"80 increments (last seen {_length(db)})")
+
+
+def _length(db) -> int:
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    try:
+        tm.begin()
+        return conn.root()["len"]()
+    finally:
+        tm.abort()
+        conn.close()
+
+
+def test_counters_only_go_up_for_every_client(fleet, closing):
+    """Writers on each server bump their own counter; readers on every server check that no
+    counter ever goes back (no stale read, no tid going backwards)."""
+    servers = fleet(3)
+    dbs = [closing(ZEO.DB(s.addr)) for s in servers]
+    with dbs[0].transaction() as conn:
+        for i in range(3):
+            conn.root()[f"c{i}"] = PersistentMapping(n=0)
+    for db in dbs:
+        wait_until(lambda db=db: _value(db, "c2") == 0, timeout=10)
+    stop = time.monotonic() + 4
+    problems: list[str] = []
+
+    def writer(i: int) -> None:
+        tm = transaction.TransactionManager()
+        conn = dbs[i].open(tm)
+        try:
+            while time.monotonic() < stop:
+                tm.begin()
+                conn.root()[f"c{i}"]["n"] += 1
+                tm.commit()
+        finally:
+            conn.close()
+
+    def reader(i: int) -> None:
+        tm = transaction.TransactionManager()
+        conn = dbs[i].open(tm)
+        seen = [0, 0, 0]
+        try:
+            while time.monotonic() < stop:
+                tm.begin()
+                for j in range(3):
+                    n = conn.root()[f"c{j}"]["n"]
+                    if n < seen[j]:
+                        problems.append(f"reader on server {i} saw c{j} go {seen[j]} -> {n}")
+                    seen[j] = n
+                tm.abort()
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=f, args=(i,)) for i in range(3) for f in (writer, reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not problems, problems[:5]
+    finals = [_value(dbs[0], f"c{i}") for i in range(3)]
+    for db in dbs[1:]:
+        wait_until(lambda db=db: [_value(db, f"c{i}") for i in range(3)] == finals, timeout=10)
