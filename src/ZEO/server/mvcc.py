@@ -132,6 +132,8 @@ class MVCCStorage:
         self._local = threading.local()
         self._instances: list[Any] = []
         self._poll_connections: list[tuple[Any, Any]] = []
+        #: Backends our NOTIFYs come from: the relay ignores them (we published those).
+        self._notifying_pids: set[int] = set()
         self._instances_lock = threading.Lock()
         self._resolved: list[bytes] = []
         #: The server's allow-listed resolver (StorageState sets it).
@@ -295,6 +297,9 @@ class MVCCStorage:
             pair = self._local.poll = adapter.connmanager.open()
             with self._instances_lock:
                 self._poll_connections.append(pair)
+            backend_pid = getattr(pair[0], "get_backend_pid", None)
+            if backend_pid is not None:
+                self._notifying_pids.add(backend_pid())
         return pair
 
     def transactions_between(self, lo: bytes, hi: bytes | None
@@ -373,10 +378,11 @@ class MVCCStorage:
             logger.warning("cannot LISTEN on %s: polling only", channel, exc_info=True)
             return None
 
-    @staticmethod
-    def drain_notifications(conn: Any) -> int:
+    def drain_notifications(self, conn: Any) -> int:
+        """How many commits of other servers ``conn`` heard of (ours are not counted)."""
         conn.poll()
-        n = len(conn.notifies)
+        ours = self._notifying_pids
+        n = sum(1 for note in conn.notifies if getattr(note, "pid", None) not in ours)
         del conn.notifies[:]
         return n
 

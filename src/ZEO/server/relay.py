@@ -53,6 +53,7 @@ class Relay:
         self.seen_tid = state.published_tid
         self.seen_at = time.time()
         self.listening = False
+        self._polled_at = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -103,15 +104,22 @@ class Relay:
                 break
             if self._wake_r in ready:
                 _drain(self._wake_r)
+            foreign = 0
             if listener is not None and listener.fileno() in ready:
                 try:
-                    self.notifications += storage.drain_notifications(listener)
+                    foreign = storage.drain_notifications(listener)
+                    self.notifications += foreign
                 except Exception:
                     logger.warning("relay: the notification connection failed; polling only "
                                    "until it is back", exc_info=True)
                     self._drop(listener)
                     listener = None
-            self._poll()
+            # Poll when another server committed, when woken, or every interval; our own
+            # commits' notifications need none (the commit path published them).
+            now = time.monotonic()
+            if foreign or self._wake_r in ready or now - self._polled_at >= self.interval:
+                self._polled_at = now
+                self._poll()
         self._drop(listener)
 
     def _drop(self, listener: Any) -> None:
