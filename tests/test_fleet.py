@@ -189,6 +189,8 @@ def test_counters_only_go_up_for_every_client(fleet, closing):
     stop = time.monotonic() + 4
     problems: list[str] = []
 
+    finals = [0, 0, 0]
+
     def writer(i: int) -> None:
         tm = transaction.TransactionManager()
         conn = dbs[i].open(tm)
@@ -197,6 +199,7 @@ def test_counters_only_go_up_for_every_client(fleet, closing):
                 tm.begin()
                 conn.root()[f"c{i}"]["n"] += 1
                 tm.commit()
+                finals[i] = conn.root()[f"c{i}"]["n"]
         finally:
             conn.close()
 
@@ -222,6 +225,46 @@ def test_counters_only_go_up_for_every_client(fleet, closing):
     for t in threads:
         t.join()
     assert not problems, problems[:5]
-    finals = [_value(dbs[0], f"c{i}") for i in range(3)]
-    for db in dbs[1:]:
+    for db in dbs:  # every client ends with every writer's last value
         wait_until(lambda db=db: [_value(db, f"c{i}") for i in range(3)] == finals, timeout=10)
+
+
+def test_real_zeo_clients_on_two_fleet_servers(fleet, closing):
+    """ZEO 6.2 clients, each given one server's address, see each other's commits."""
+    from support.ref_scripts import RefDriver
+
+    a, b = fleet(2)
+    with RefDriver() as real:
+        real("open", name="ra", addr=list(a.addr))
+        real("open", name="rb", addr=list(b.addr))
+        tid = real("set", name="ra", items={"x": 1})
+        real("wait_tid", name="rb", tid=tid)
+        assert real("get", name="rb", keys=["x"]) == {"x": 1}
+        tid = real("set", name="rb", items={"x": 2})
+        real("wait_tid", name="ra", tid=tid)
+        assert real("get", name="ra", keys=["x"]) == {"x": 2}
+
+
+def test_clients_spread_over_the_fleet_and_fail_over(fleet, closing, tmp_path):
+    """With address_policy='random' clients spread over the servers; when a server dies its
+    clients move to another one, keep their caches, and see every commit."""
+    servers = fleet(3)
+    addrs = [s.addr for s in servers]
+    dbs = [closing(ZEO.DB(addrs, address_policy="random", wait_timeout=30,
+                          cache=str(tmp_path / f"c{i}.zec"))) for i in range(12)]
+    used = {tuple(db.storage._server_addr) for db in dbs}
+    assert len(used) >= 2, used  # 12 clients over 3 servers: all on one has p = 3e-6
+    with dbs[0].transaction() as conn:
+        conn.root()["x"] = PersistentMapping(n=1)
+    for db in dbs:
+        wait_until(lambda db=db: _value(db, "x") == 1, timeout=10)
+    victim = servers[0]
+    victim.proc.kill()
+    victim.stop()
+    survivor_db = next(db for db in dbs
+                       if tuple(db.storage._server_addr) != tuple(victim.addr))
+    with survivor_db.transaction() as conn:
+        conn.root()["x"]["n"] = 2
+    for db in dbs:
+        wait_until(lambda db=db: _value(db, "x") == 2, timeout=30)
+        assert tuple(db.storage._server_addr) != tuple(victim.addr)

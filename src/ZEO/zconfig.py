@@ -118,6 +118,7 @@ class ClientStorageConfig(ZODB.config.BaseConfig):
             read_only_fallback=c.read_only_fallback,
             server_sync=c.server_sync,
             wait_timeout=c.wait_timeout,
+            address_policy=c.address_policy,
         )
         if c.cache_path is not None:
             kw["cache"] = c.cache_path

@@ -48,6 +48,9 @@ class Registration:
     client_label: str | None
     #: How long callers wait for a connection: a silent server gets no longer than this.
     wait_timeout: float
+    #: "fastest" (every address at once, the first to answer wins: ZEO's way) or "random"
+    #: (one at a time in a random order: clients spread over a fleet's servers).
+    address_policy: str = "fastest"
 
 
 class ManagedStorage(Handler, Protocol):
@@ -164,13 +167,12 @@ class ConnectionManager:
             self._sleep(delay * (1 + random.random() / 2))
             delay = min(delay * 2, MAX_RETRY)
 
-    def _open_all(self) -> tuple[queue.Queue, int]:
+    def _open_all(self, addresses: list) -> tuple[queue.Queue, int]:
         """Start one connection attempt per address, all in parallel (zeo-facts §3.1).
 
         Each result arrives on the returned queue as ``(addr, connection or None, error)``.
         """
         results: queue.Queue = queue.Queue()
-        addresses = list(self.addresses)
 
         # A server that says nothing is given no longer than the caller waits for one.
         wait = self.registration.wait_timeout or CONNECT_TIMEOUT
@@ -232,12 +234,29 @@ class ConnectionManager:
         Writable registrations win; with ``read_only_fallback`` a read-only one is taken only
         when no address accepted a writable one.  With ``upgrade_from`` (a read-only fallback
         connection) only a writable registration is taken, and it replaces that connection.
+        The ``fastest`` policy tries every address at once (ZEO's way); ``random`` tries them
+        one at a time in a random order, so the clients of a fleet spread over its servers.
         """
+        addresses = list(self.addresses)
+        if self.registration.address_policy != "random" or len(addresses) < 2:
+            return self._try_some(addresses, upgrade_from, True)
+        for addr in random.sample(addresses, len(addresses)):
+            if self._closed:
+                return False
+            if self._try_some([addr], upgrade_from, False):
+                return True
+        # No writable registration anywhere: a read-only one, if allowed, from any of them.
+        return (self.registration.read_only_fallback and upgrade_from is None
+                and self._try_some(addresses, None, True))
+
+    def _try_some(self, addresses: list, upgrade_from: Connection | None,
+                  allow_fallback: bool) -> bool:
         storage = self.storage
-        results, pending = self._open_all()
+        results, pending = self._open_all(addresses)
         tls_error: TLSError | None = None
         fallback: tuple[Any, Connection] | None = None
-        fallback_ok = self.registration.read_only_fallback and upgrade_from is None
+        fallback_ok = (self.registration.read_only_fallback and upgrade_from is None
+                       and allow_fallback)
         while pending:
             addr, conn, err = results.get()
             pending -= 1

@@ -99,6 +99,9 @@ class ClientStorage(ConflictResolvingStorage):
     :param prefetch_references: *zeo-ng*: uncached objects a cold load's record refers to
         that are fetched along with it (32; 0: off).
     :param read_ahead: *zeo-ng*: the largest window of sequential read-ahead (64; 0: off).
+    :param address_policy: *zeo-ng*: with several addresses, ``"fastest"`` (ZEO's way: all
+        tried at once, the first to answer is used) or ``"random"`` (tried one at a time in a
+        random order, so the clients of a fleet of servers spread over them).
 
     ``disconnect_poll``, ``min_disconnect_poll``, ``max_disconnect_poll``,
     ``drop_cache_rather_verify``, ``credentials``, ``username``, ``password`` and ``realm``
@@ -137,7 +140,10 @@ class ClientStorage(ConflictResolvingStorage):
         _client_factory: Any = None,
         prefetch_references: int = 32,
         read_ahead: int = 64,
+        address_policy: str = "fastest",
     ) -> None:
+        if address_policy not in ("fastest", "random"):
+            raise ValueError(f"address_policy is 'fastest' or 'random', not {address_policy!r}")
         self._addr = addr
         addresses = address.normalize(addr)
         self.__name__ = name or str(addr)
@@ -199,7 +205,7 @@ class ClientStorage(ConflictResolvingStorage):
         self._manager = ConnectionManager(
             self, addresses,
             Registration(storage, self._read_only, self._read_only_fallback, client_label,
-                         self._wait_timeout),
+                         self._wait_timeout, address_policy),
             ssl=ssl, ssl_server_hostname=ssl_server_hostname)
         self._manager.start()
         if wait:
