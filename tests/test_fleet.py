@@ -268,3 +268,41 @@ def test_clients_spread_over_the_fleet_and_fail_over(fleet, closing, tmp_path):
     for db in dbs:
         wait_until(lambda db=db: _value(db, "x") == 2, timeout=30)
         assert tuple(db.storage._server_addr) != tuple(victim.addr)
+
+
+def test_relay_metrics(fleet, closing, tmp_path):
+    pytest.importorskip("prometheus_client", reason="the metrics endpoint needs it")
+    import urllib.request
+
+    from support.servers import free_port
+
+    port = free_port()
+    a, b = fleet(2, ["", f"<metrics>\n  address 127.0.0.1:{port}\n</metrics>"])
+    db_a = closing(ZEO.DB(a.addr))
+    db_b = closing(ZEO.DB(b.addr))
+    with db_a.transaction() as conn:
+        conn.root()["x"] = 1
+    wait_until(lambda: _value_raw(db_b, "x") == 1, timeout=10)
+
+    def metrics() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    wait_until(lambda: 'zeo_relay_commits_total{storage="1"} 0.0' not in metrics(),
+               timeout=10)
+    text = metrics()
+    for name in ("zeo_relay_polls_total", "zeo_relay_notifications_total",
+                 "zeo_relay_errors_total", "zeo_relay_lag_seconds",
+                 "zeo_relay_lag_transactions"):
+        assert f'{name}{{storage="1"}}' in text, name
+
+
+def _value_raw(db, key: str):
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    try:
+        tm.begin()
+        return conn.root().get(key)
+    finally:
+        tm.abort()
+        conn.close()

@@ -60,6 +60,35 @@ _GAUGES = (
 )
 
 
+_RELAY_COUNTERS = (
+    ("polls", "zeo_relay_polls", "Looks at the database for other servers' commits."),
+    ("notifications", "zeo_relay_notifications",
+     "NOTIFY wake-ups from other servers' commits."),
+    ("relayed", "zeo_relay_commits", "Other servers' commits sent to this server's clients."),
+    ("errors", "zeo_relay_errors", "Failed looks at the database."),
+)
+
+
+def _relay_metrics(relays: dict[str, dict]) -> Iterator[Metric]:
+    """The relay of each MVCC storage (ZEO.server.relay)."""
+    for key, name, doc in _RELAY_COUNTERS:
+        family = CounterMetricFamily(name, doc, labels=["storage"])
+        for sid, r in relays.items():
+            family.add_metric([sid], r.get(key, 0))
+        yield family
+    lag = GaugeMetricFamily("zeo_relay_lag_seconds",
+                            "How far the published tid is behind the newest commit seen in "
+                            "the database, in seconds of tid time.", labels=["storage"])
+    lag_tids = GaugeMetricFamily("zeo_relay_lag_transactions",
+                                 "Commits seen in the database and not yet sent to clients.",
+                                 labels=["storage"])
+    for sid, r in relays.items():
+        lag.add_metric([sid], r.get("lag_seconds", 0.0))
+        lag_tids.add_metric([sid], r.get("lag_transactions", 0))
+    yield lag
+    yield lag_tids
+
+
 class _ServerCollector:
     def __init__(self, server: StorageServer) -> None:
         self.server = server
@@ -104,6 +133,9 @@ class _ServerCollector:
         for sid, st in storages.items():
             last.add_metric([sid], _tid_seconds(st.get("last-transaction")))
         yield last
+        relays = {sid: st["relay"] for sid, st in storages.items() if st.get("relay")}
+        if relays:
+            yield from _relay_metrics(relays)
         yield GaugeMetricFamily("zeo_server_connections", "Open client connections.",
                                 value=stats["connections"])
         yield CounterMetricFamily("zeo_connections_opened", "Client connections accepted.",

@@ -46,6 +46,8 @@ class Relay:
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"zeo-relay-{state.storage_id}")
         self.polls = 0
+        #: Commits the last poll found that were not published yet.
+        self.pending = 0
         self.notifications = 0
         self.relayed = 0
         self.errors = 0
@@ -82,7 +84,8 @@ class Relay:
                         - TimeStamp(published).timeTime())
         return {"polls": self.polls, "notifications": self.notifications,
                 "relayed": self.relayed, "errors": self.errors, "listening": self.listening,
-                "lag_seconds": lag_s, "seen_tid": self.seen_tid.hex()}
+                "lag_seconds": lag_s, "lag_transactions": self.pending,
+                "seen_tid": self.seen_tid.hex()}
 
     # -- the thread ----------------------------------------------------------------------
 
@@ -145,7 +148,9 @@ class Relay:
             if newest > self.seen_tid:
                 self.seen_tid = newest
                 self.seen_at = time.time()
-            if newest > state.published_tid:
+            published = state.published_tid
+            self.pending = sum(1 for tid, _oids in found if tid > published)
+            if newest > published:
                 state.loop.call_soon_threadsafe(state.publish_found, found)
 
 

@@ -277,10 +277,17 @@ class StorageState:
             self._found = [f for f in found if f[0] >= below]
             found = [f for f in found if f[0] < below]
         published = self.published_tid
+        relayed = 0
         for tid, oids in found:
             if tid > published and self.record(tid, oids):
                 published = tid
+                relayed += 1
                 self.broadcast(tid, oids, None)
+        relay = self.relay
+        if relay is not None:
+            relay.relayed += relayed
+            if published >= relay.seen_tid:
+                relay.pending = 0
         self.release_held_loads()
 
     def catch_up(self) -> asyncio.Future:
