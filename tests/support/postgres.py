@@ -127,7 +127,8 @@ class Cluster:
 
     def restart(self) -> None:
         """``pg_ctl restart -m fast``: every connection is cut."""
-        self._run("pg_ctl", "restart", "-w", "-m", "fast", "-D", str(self.data))
+        self._run("pg_ctl", "restart", "-w", "-m", "fast", "-D", str(self.data), "-l",
+                  str(self.log))
 
     def stop(self) -> None:
         pid = self.pid()

@@ -66,10 +66,14 @@ def plain_error(exc: BaseException, oid: bytes | None = None) -> BaseException:
         kind = ReadConflictError if isinstance(exc, ReadConflictError) else ConflictError
         serials = exc.serials if getattr(exc, "serials", None) else None
         return kind(oid=exc.oid, serials=serials)
-    if type(exc).__module__.split(".")[0] == "relstorage":
+    if type(exc).__module__.split(".")[0] in _DATABASE_MODULES:
         logger.error("storage error: %s", exc, exc_info=exc)
         return StorageError(f"{type(exc).__name__} in the storage (see the server's log)")
     return exc
+
+
+#: Where the exceptions of an MVCC storage and its database drivers come from.
+_DATABASE_MODULES = frozenset(("relstorage", "psycopg2", "psycopg2cffi", "pg8000"))
 
 
 def _refuse_storage_resolution() -> None:
@@ -107,6 +111,10 @@ def _plain_errors(method: Any) -> Any:
             plain = plain_error(e, args[0] if args and type(args[0]) is bytes else None)
             if plain is e:
                 raise
+            if type(plain) is StorageError:
+                # The database connection may be gone (a PostgreSQL restart): this thread
+                # starts over with a new instance next time.
+                self._discard_instance()
             raise plain from None
 
     call.__name__ = method.__name__
@@ -163,6 +171,22 @@ class MVCCStorage:
                 self._instances.append(inst)
         return inst
 
+    def _discard_instance(self) -> None:
+        """Forget this thread's instance (after a database error); a new one is made on next
+        use.  An open transaction on it is lost: its commit fails, and the client retries."""
+        inst = getattr(self._local, "instance", None)
+        self._local.instance = None
+        self._local.generation = -1
+        if inst is not None:
+            with self._instances_lock:
+                if inst in self._instances:
+                    self._instances.remove(inst)
+            try:
+                inst.release()
+            except Exception:
+                logger.debug("releasing a broken instance", exc_info=True)
+        self._drop_poll_connection()
+
     def _synced(self, at_least: bytes | None = None) -> Any:
         """This thread's instance, its snapshot moved to the database's newest state when it
         is older than ``at_least`` (always, when None)."""
@@ -193,6 +217,7 @@ class MVCCStorage:
         inst = self._synced(at_least)
         return self._load_at(inst, oid, tid), inst.lastTransaction() or z64
 
+    @_plain_errors
     def load_many(self, requests: list[tuple[bytes, bytes]], at_least: bytes
                   ) -> tuple[list[Any], bytes]:
         """:meth:`load_before` of each ``(oid, tid)`` at one snapshot: ``(results,
@@ -206,7 +231,12 @@ class MVCCStorage:
             try:
                 results.append(self._load_at(inst, oid, tid))
             except Exception as e:
-                results.append(plain_error(e, oid))
+                plain = plain_error(e, oid)
+                results.append(plain)
+                if type(plain) is StorageError:  # the connection is gone: the rest fail too
+                    self._discard_instance()
+                    results.extend([plain] * (len(requests) - len(results)))
+                    break
         return results, inst.lastTransaction() or z64
 
     def _load_at(self, inst: Any, oid: bytes, tid: bytes
