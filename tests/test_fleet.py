@@ -409,3 +409,31 @@ def test_postgresql_restart_mid_run_loses_nothing(fleet, closing, postgres):
     with dbs[0].transaction() as conn:
         conn.root()["after"] = 1
     wait_until(lambda: _value_raw(dbs[1], "after") == 1, timeout=15)
+
+
+def test_a_database_behind_what_clients_were_told_is_refused(fleet, closing, postgres):
+    """A standby promoted before it caught up, or a restored backup, is older than what the
+    server told its clients: the server stops serving the storage rather than go back."""
+    from ZODB.utils import u64
+
+    from ZEO.Exceptions import ClientDisconnected
+
+    (srv,) = fleet(1, "relay-poll-interval 0.2")
+    db = closing(ZEO.DB(srv.addr))
+    with db.transaction() as conn:
+        conn.root()["x"] = 1
+    keep = u64(db.storage.lastTransaction())
+    with db.transaction() as conn:
+        conn.root()["x"] = 2
+    dbname = srv_dbname(srv)
+    postgres.sql(dbname, f"DELETE FROM current_object WHERE tid > {keep}; "
+                         f"DELETE FROM object_state WHERE tid > {keep}; "
+                         f"DELETE FROM transaction WHERE tid > {keep}")
+    wait_until(lambda: "refusing to serve it" in srv.log(), timeout=15)
+    with pytest.raises(ClientDisconnected):
+        ZEO.client(srv.addr, wait_timeout=2)
+
+
+def srv_dbname(srv) -> str:
+    conf = (srv.log_path.parent / "zeo.conf").read_text()
+    return conf.split("dbname=", 1)[1].split()[0]

@@ -364,6 +364,21 @@ class MVCCStorage:
             raise
         return [(p64(tid), oids[tid]) for tid in tids]
 
+    def newest_committed(self) -> bytes | None:
+        """The database's newest committed tid (None when the storage cannot say)."""
+        pair = self._poll_cursor()
+        if pair is None:
+            return None
+        conn, cursor = pair
+        try:
+            cursor.execute("SELECT max(tid) FROM transaction")
+            row = cursor.fetchone()
+            conn.rollback()
+        except Exception:
+            self._drop_poll_connection()
+            raise
+        return p64(row[0] or 0)
+
     def _drop_poll_connection(self) -> None:
         pair = getattr(self._local, "poll", None)
         self._local.poll = None

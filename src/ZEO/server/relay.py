@@ -56,6 +56,8 @@ class Relay:
         self.seen_at = time.time()
         self.listening = False
         self._polled_at = 0.0
+        #: The database was found behind the published tid: the storage is refused.
+        self.behind = False
 
     def start(self) -> None:
         self._thread.start()
@@ -143,6 +145,8 @@ class Relay:
             time.sleep(min(1.0, self.interval))
             return
         self.polls += 1
+        if not found:
+            self._check_not_behind()
         if found:
             newest = found[-1][0]
             if newest > self.seen_tid:
@@ -152,6 +156,26 @@ class Relay:
             self.pending = sum(1 for tid, _oids in found if tid > published)
             if newest > published:
                 state.loop.call_soon_threadsafe(state.publish_found, found)
+
+
+    def _check_not_behind(self) -> None:
+        """A database whose newest commit is older than what we told clients (a standby
+        promoted before it caught up, a restored backup) would show them time going back:
+        stop serving the storage instead, loudly."""
+        state = self.state
+        try:
+            newest = state.storage.newest_committed()
+        except Exception:
+            return
+        if newest is not None and newest < state.published_tid and not self.behind:
+            self.behind = True
+            logger.critical(
+                "storage %r: the database's newest commit %s is older than %s, which clients "
+                "were told of (a standby promoted behind its primary? a restored backup?): "
+                "refusing to serve it; restart the server once the database is right",
+                state.storage_id, newest.hex(), state.published_tid.hex())
+            state.loop.call_soon_threadsafe(state.refuse_service,
+                                            "the database went back in time")
 
 
 def _pipe() -> tuple[int, int]:

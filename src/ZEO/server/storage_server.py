@@ -147,6 +147,8 @@ class StorageState:
         self._found: list[tuple[bytes, list[bytes]]] = []
         #: Commits made through other servers of the database (ZEO.server.relay), or None.
         self.relay: Relay | None = None
+        #: Why this storage is no longer served (refuse_service), or None.
+        self.refused: str | None = None
         self.loop = server.event_loop
         self.sessions: dict[Session, None] = {}
         self.invq: deque[tuple[bytes, Any]] = deque(maxlen=max(server.invalidation_queue_size, 1))
@@ -289,6 +291,12 @@ class StorageState:
             if published >= relay.seen_tid:
                 relay.pending = 0
         self.release_held_loads()
+
+    def refuse_service(self, why: str) -> None:
+        """On the loop: close every session of this storage and refuse new registrations
+        (``register`` raises), for a reason a restart must clear."""
+        self.refused = why
+        self.close_sessions()
 
     def catch_up(self) -> asyncio.Future:
         """Publish every commit the database holds now (``register``, ``lastTransaction``

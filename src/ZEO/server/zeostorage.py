@@ -121,6 +121,9 @@ class ZEOStorage:
             self.authorized_read_only = access == READ_ONLY
         if state is None:
             raise ValueError(f"unknown storage: {storage_id}")
+        if state.refused is not None:
+            raise StorageTransactionError(f"storage {storage_id!r} is not served: "
+                                          f"{state.refused}")
         read_only = bool(read_only)
         if not read_only and (self.server.read_only or state.storage.isReadOnly()
                               or self.authorized_read_only):
