@@ -37,7 +37,7 @@ ENV = dict(os.environ, PYTHONPATH=SRC)
 TESTED_EXAMPLES = {"app.py", "quickstart.conf", "zeo.conf", "zdaemon.conf", "zeo.service",
                    "supervisord.conf", "tls/zeo.conf", "tls/client.conf", "tls/client.py",
                    "zeoctl.conf",  # zeoctl.conf: tests/test_tools_zeoctl.py
-                   "relstorage/zeo.conf"}
+                   "relstorage/zeo.conf", "fleet/zeo.conf", "fleet/zeo@.service"}
 
 
 def test_every_example_is_tested():
@@ -131,6 +131,36 @@ def test_relstorage_config(tmp_path, postgres):
         assert "from PostgreSQL" in out
     finally:
         assert srv.stop() == 0
+
+
+def test_fleet_config_and_unit(tmp_path, postgres):
+    """Two servers from examples/fleet/zeo.conf, started as the systemd template does (-a
+    PORT), over one database: a commit through one reaches a client of the other."""
+    import configparser as cp
+
+    unit = cp.ConfigParser(interpolation=None)
+    unit.read(EXAMPLES / "fleet" / "zeo@.service")
+    argv = shlex.split(unit["Service"]["ExecStart"])
+    assert os.path.basename(argv[0]) in _console_scripts()
+    assert argv[1:] == ["-C", "/etc/zeo/fleet.conf", "-a", "127.0.0.1:%i"]
+    dsn = postgres.create_database()
+    text = redefine((EXAMPLES / "fleet" / "zeo.conf").read_text(), DSN=dsn)
+    text = text.replace("blob-dir /var/cache/zeo/blobs", f"blob-dir {tmp_path / 'blobs'}")
+    conf = tmp_path / "fleet.conf"
+    conf.write_text(text)
+    servers = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            servers.append(ServerProcess(
+                [sys.executable, "-m", "ZEO.runzeo", *argv[1:2], str(conf), "-a",
+                 f"127.0.0.1:{port}"], ("127.0.0.1", port), tmp_path / f"{port}.out", env=ENV))
+        run_py(str(EXAMPLES / "app.py"), "127.0.0.1:%d" % servers[0].addr[1], "through one")
+        out = run_py(str(EXAMPLES / "app.py"), "127.0.0.1:%d" % servers[1].addr[1]).stdout
+        assert "through one" in out
+    finally:
+        for srv in servers:
+            assert srv.stop() == 0
 
 
 @pytest.fixture(scope="module")
