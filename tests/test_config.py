@@ -278,6 +278,7 @@ def test_clientstorage_every_key(tmp_path, certs):
           wait-timeout 7
           client-label app1
           name the-name
+          address-policy random
           <ssl>
             certificate {certs}/client_cert.pem
             key {certs}/client_key.pem
@@ -296,7 +297,7 @@ def test_clientstorage_every_key(tmp_path, certs):
         blob_dir=f"{tmp_path}/blobs", shared_blob_dir=True, blob_cache_size=1 << 30,
         blob_cache_size_check=20, read_only=False, read_only_fallback=True,
         server_sync=True, wait_timeout=7, client_label="app1", name="the-name",
-        ssl_server_hostname="zeo.example.com",
+        ssl_server_hostname="zeo.example.com", address_policy="random",
     )
     assert isinstance(ctx, ssl.SSLContext)
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname is False
@@ -308,7 +309,7 @@ def test_clientstorage_defaults():
     assert addresses == [("127.0.0.1", 8100)]
     assert kw == dict(storage="1", cache_size=20 * 1024 * 1024, name="", blob_dir=None,
                       shared_blob_dir=False, read_only=False, read_only_fallback=False,
-                      server_sync=False, wait_timeout=30)
+                      server_sync=False, wait_timeout=30, address_policy="fastest")
 
 
 def test_client_ssl_checks_hostname_by_default(certs):

@@ -142,6 +142,7 @@ class MVCCStorage:
         self._poll_connections: list[tuple[Any, Any]] = []
         #: Backends our NOTIFYs come from: the relay ignores them (we published those).
         self._notifying_pids: set[int] = set()
+        self._listen_failed = False
         self._instances_lock = threading.Lock()
         self._resolved: list[bytes] = []
         #: The server's allow-listed resolver (StorageState sets it).
@@ -418,10 +419,14 @@ class MVCCStorage:
             conn.autocommit = True
             cursor.execute(f"LISTEN {channel}")
             cursor.close()
-            return conn
         except Exception:
-            logger.warning("cannot LISTEN on %s: polling only", channel, exc_info=True)
+            # Logged once until it works again (the database may be down for a while).
+            if not self._listen_failed:
+                self._listen_failed = True
+                logger.warning("cannot LISTEN on %s: polling only", channel, exc_info=True)
             return None
+        self._listen_failed = False
+        return conn
 
     def drain_notifications(self, conn: Any) -> int:
         """How many commits of other servers ``conn`` heard of (ours are not counted)."""
