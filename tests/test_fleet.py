@@ -437,3 +437,43 @@ def test_a_database_behind_what_clients_were_told_is_refused(fleet, closing, pos
 def srv_dbname(srv) -> str:
     conf = (srv.log_path.parent / "zeo.conf").read_text()
     return conf.split("dbname=", 1)[1].split()[0]
+
+
+def test_a_server_killed_holding_the_database_locks(fleet, closing):
+    """A server SIGKILLed after a vote (RelStorage then holds the database's commit lock and
+    the object's row lock): PostgreSQL ends its sessions, the vote is rolled back, and a client
+    of another server commits the same object at once."""
+    from support.wire import WireClient
+
+    a, b = fleet(2)
+    db_b = closing(ZEO.DB(b.addr))
+    with db_b.transaction() as conn:
+        conn.root()["x"] = PersistentMapping(n=0)
+    db_a = closing(ZEO.DB(a.addr))
+    oid = _oid_of(db_a, "x")
+    data, serial = db_a.storage.load(oid)
+    with WireClient(a.addr, timeout=30) as c:
+        c.call("register", "1", False)
+        c.async_call("tpc_begin", 1, b"", b"", {}, None, " ")
+        c.async_call("storea", oid, serial, data, 1)
+        c.call("vote", 1)  # locks held in the database now
+        a.proc.kill()
+        a.proc.wait(10)
+    t0 = time.monotonic()
+    with db_b.transaction() as conn:
+        conn.root()["x"]["n"] = 1
+    took = time.monotonic() - t0
+    print(f"commit through the other server {took:.3f} s after the kill")
+    assert took < 10
+    assert _value(db_b, "x") == 1
+
+
+def _oid_of(db, key: str) -> bytes:
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    try:
+        tm.begin()
+        return conn.root()[key]._p_oid
+    finally:
+        tm.abort()
+        conn.close()
