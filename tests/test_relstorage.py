@@ -234,3 +234,44 @@ def test_relstorage_never_resolves_conflicts_itself(rs_server, closing):
     _refuse_storage_resolution()
     with pytest.raises(ConflictError):
         _CachedConflictResolver.tryToResolveConflict(None, oid, b"1" * 8, b"2" * 8, data)
+
+
+def test_a_commit_racing_in_between_is_told_apart(postgres):
+    """The store-time check saw the revision current then; another writer commits the same
+    object before this vote: the vote raises VoteRaced (the commit path votes again)."""
+    import ZODB.config
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.utils import z64
+
+    from support.postgres import relstorage_section
+    from ZEO.server.mvcc import MVCCStorage, VoteRaced
+
+    conf = relstorage_section(postgres.create_database()).replace("<relstorage 1>",
+                                                                  "<relstorage>")
+    base = ZODB.config.storageFromString(conf)
+    other = base.new_instance()
+    served = MVCCStorage(base)
+    try:
+        def commit(storage, serial, data):
+            t = TransactionMetaData()
+            storage.tpc_begin(t)
+            storage.store(z64, serial, data, "", t)
+            storage.tpc_vote(t)
+            return storage.tpc_finish(t)
+
+        from ZODB.tests.MinPO import MinPO
+        from ZODB.tests.StorageTestBase import zodb_pickle
+
+        first = commit(served, z64, zodb_pickle(MinPO(1)))
+        t = TransactionMetaData()
+        served.tpc_begin(t)
+        served.store(z64, first, zodb_pickle(MinPO(2)), "", t)  # checked: current
+        other.sync()
+        other.poll_invalidations()
+        commit(other, first, zodb_pickle(MinPO(3)))  # lands before our vote
+        with pytest.raises(VoteRaced):
+            served.tpc_vote(t)
+        served.tpc_abort(t)
+    finally:
+        other.release()
+        served.close()

@@ -22,6 +22,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, StorageTransactionError
 from ZODB.utils import z64
 
+from .mvcc import VoteRaced
 from .relay import CHANNEL as RELAY_CHANNEL
 
 if TYPE_CHECKING:
@@ -447,7 +448,26 @@ class CommitPath:
         )
 
     def _vote_body(self, txn: ServerTransaction) -> tuple[str, Any]:
-        """On the commit worker: replay the buffered records into the storage and vote."""
+        """On the commit worker: replay the buffered records into the storage and vote.
+
+        On an MVCC storage a conflict can appear between the store-time check and the
+        storage's own vote (another server committed in between): the whole vote runs once
+        more, from a fresh snapshot, where the conflict is seen (and resolved) at store.
+        """
+        retry = self.state.mvcc and not txn.blobs
+        try:
+            return self._vote_once(txn)
+        except VoteRaced as e:
+            if not retry:
+                raise ConflictError(oid=e.oid, serials=e.serials) from None
+        self.state.stats_vote_retries += 1
+        try:
+            return self._vote_once(txn)
+        except VoteRaced as e:
+            raise ConflictError(oid=e.oid, serials=e.serials) from None
+
+    def _vote_once(self, txn: ServerTransaction) -> tuple[str, Any]:
+        """One replay of the buffered records and the storage's vote."""
         storage = self.storage
         meta = txn.meta = TransactionMetaData(txn.user, txn.description, txn.extension)
         if txn.tid is not None and txn.tid <= (storage.lastTransaction() or z64):

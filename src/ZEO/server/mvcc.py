@@ -43,6 +43,11 @@ SIZE_INTERVAL = 10.0
 RELAY_BATCH = 1000
 
 
+class VoteRaced(ConflictError):
+    """The storage's vote met a conflict the server's store-time check did not see: another
+    server committed in between.  The commit path votes again once (ZEO.server.commit)."""
+
+
 class UnservableStorage(ValueError):
     """A storage configuration the server cannot serve with ZEO's guarantees."""
 
@@ -56,6 +61,8 @@ def plain_error(exc: BaseException, oid: bytes | None = None) -> BaseException:
     names the database, its DSN, pids and threads): what a client can decode and a peer may
     read.  Anything else from the storage's own modules becomes a ``StorageError`` naming
     its class only (the server logs the original)."""
+    if isinstance(exc, VoteRaced):
+        return exc  # ours: the commit path turns it into a ConflictError if it must
     if type(exc).__name__ == "CacheConsistencyError":
         # RelStorage's vote met a conflict its own resolution could not place (the server
         # resolves real ones first): a conflict to the client.
@@ -570,7 +577,13 @@ class MVCCStorage:
 
     @_plain_errors
     def tpc_vote(self, txn: Any) -> list[bytes]:
-        voted = self._instance().tpc_vote(txn) or ()
+        try:
+            voted = self._instance().tpc_vote(txn) or ()
+        except Exception as e:
+            plain = plain_error(e)
+            if isinstance(plain, ConflictError) and not isinstance(plain, VoteRaced):
+                raise VoteRaced(oid=plain.oid, serials=getattr(plain, "serials", None)) from None
+            raise
         return list(dict.fromkeys([*self._resolved, *voted]))
 
     @_plain_errors

@@ -173,6 +173,7 @@ class StorageState:
         self.stats_conflicts_resolved = 0
         self.stats_active_txns = 0
         self.stats_loads_behind_finish = 0
+        self.stats_vote_retries = 0  # MVCC votes run again after a cross-server race
         #: The commit path: lock, worker thread, vote, finish, abort (ZEO.server.commit).
         self.commits = CommitPath(self, _wrapped_storages(storage)[-1])
         self.supports_undo = _supports_undo(storage)
@@ -465,6 +466,7 @@ class StorageState:
             lock_wait_seconds=self.commits.lock_wait_seconds,
             lock_hold_seconds=self.commits.lock_hold_seconds,
             loads_behind_finish=self.stats_loads_behind_finish,
+            vote_retries=self.stats_vote_retries,
             relay=self.relay.statistics() if self.relay is not None else None,
         )
 
