@@ -49,22 +49,18 @@ WORKLOADS_PY = HERE / "workloads.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _postgres():
-    """tests/support/postgres.py, loaded by path (a throw-away PostgreSQL cluster)."""
+def _support(name: str):
+    """tests/support/<name>.py, loaded by path (refzeo builds and finds the reference venv;
+    postgres starts a throw-away PostgreSQL cluster)."""
     spec = importlib.util.spec_from_file_location(
-        "_zeo_bench_postgres", REPO / "tests" / "support" / "postgres.py")
+        f"_zeo_bench_{name}", REPO / "tests" / "support" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def _refzeo():
-    """tests/support/refzeo.py, loaded by path (it builds and finds the reference venv)."""
-    spec = importlib.util.spec_from_file_location(
-        "_zeo_bench_refzeo", REPO / "tests" / "support" / "refzeo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _support("refzeo")
 
 
 # --------------------------------------------------------------------------- sides and servers
@@ -821,8 +817,8 @@ def main(argv: list[str] | None = None) -> int:
     sides = [ours, ref]
     cluster = None
     if a.storage == "relstorage":
-        cluster = _postgres().Cluster("bench")
-        pg = _postgres()
+        pg = _support("postgres")
+        cluster = pg.Cluster("bench")
 
         def relstorage_conf(directory: Path, with_blobs: bool) -> str:
             return pg.relstorage_section(cluster.create_database("zeo"),

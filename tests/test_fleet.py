@@ -20,6 +20,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.POSException import ConflictError
 
 import ZEO
+from support.contention import bump_lengths
 from support.postgres import relstorage_section
 from support.servers import start_server
 from support.waiting import wait_until
@@ -132,31 +133,7 @@ def test_conflicts_across_servers(fleet, closing):
     ca.close()
     cb.close()
 
-    errors: list[str] = []
-
-    def bump(db, times: int) -> None:
-        tm = transaction.TransactionManager()
-        conn = db.open(tm)
-        try:
-            for _ in range(times):
-                for _attempt in range(50):
-                    try:
-                        tm.begin()
-                        conn.root()["len"].change(1)
-                        tm.commit()
-                        break
-                    except ConflictError:
-                        tm.abort()
-                else:
-                    errors.append("gave up")
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=bump, args=(db, 20)) for db in (db_a, db_b, db_a, db_b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = bump_lengths([db_a, db_b, db_a, db_b], "len", 20)
     assert not errors
     # Every one of the 80 increments counted, as seen through either server (the last ones
     # reach a client of the other server when relayed: soon).

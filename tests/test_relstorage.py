@@ -8,8 +8,6 @@ reads at old snapshots, undo, pack, and a clear refusal of history-free database
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import transaction
 from BTrees.Length import Length
@@ -17,6 +15,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.POSException import ConflictError
 
 import ZEO
+from support.contention import bump_lengths
 from support.servers import start_server
 from support.waiting import wait_until
 
@@ -104,30 +103,7 @@ def test_resolvable_conflicts_are_resolved(rs_server, closing):
     db = closing(ZEO.DB(srv.addr))
     with db.transaction() as conn:
         conn.root()["len"] = Length()
-    errors = []
-
-    def bump(times: int) -> None:
-        tm = transaction.TransactionManager()
-        conn = db.open(tm)
-        try:
-            for _ in range(times):
-                for _attempt in range(20):
-                    try:
-                        conn.root()["len"].change(1)
-                        tm.commit()
-                        break
-                    except ConflictError:
-                        tm.abort()
-                else:
-                    errors.append("gave up")
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=bump, args=(25,)) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = bump_lengths([db] * 4, "len", 25)
     assert not errors
     with db.transaction() as conn:
         assert conn.root()["len"]() == 100
