@@ -58,6 +58,7 @@ class Relay:
         self._polled_at = 0.0
         #: The database was found behind the published tid: the storage is refused.
         self.behind = False
+        self._behind_once = False
 
     def start(self) -> None:
         self._thread.start()
@@ -163,17 +164,26 @@ class Relay:
         promoted before it caught up, a restored backup) would show them time going back:
         stop serving the storage instead, loudly."""
         state = self.state
+        # Read before the query: every tid published by then is in the database, so a
+        # newest older than it cannot be a commit landing meanwhile.  Twice in a row, too.
+        published = state.published_tid
         try:
             newest = state.storage.newest_committed()
         except Exception:
             return
-        if newest is not None and newest < state.published_tid and not self.behind:
+        if newest is None or newest >= published:
+            self._behind_once = False
+            return
+        if not self._behind_once:
+            self._behind_once = True
+            return
+        if not self.behind:
             self.behind = True
             logger.critical(
                 "storage %r: the database's newest commit %s is older than %s, which clients "
                 "were told of (a standby promoted behind its primary? a restored backup?): "
                 "refusing to serve it; restart the server once the database is right",
-                state.storage_id, newest.hex(), state.published_tid.hex())
+                state.storage_id, newest.hex(), published.hex())
             state.loop.call_soon_threadsafe(state.refuse_service,
                                             "the database went back in time")
 
