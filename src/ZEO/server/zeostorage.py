@@ -84,6 +84,13 @@ class ZEOStorage:
         self._iteration_lock: asyncio.Lock | None = None  # MVCC storages: one step at a time
 
     @property
+    def registered(self) -> StorageState:
+        """The registered storage's state (only registered calls are dispatched here)."""
+        state = self.state
+        assert state is not None
+        return state
+
+    @property
     def label(self) -> str:
         """The connection's name in log lines."""
         return self.session.label
@@ -231,12 +238,12 @@ class ZEOStorage:
         raise AttributeError("'ZEOStorage' object has no attribute 'new_oid'")
 
     def undoLog(self, first: int = 0, last: int = -20) -> Any:
-        if not self.state.supports_undo:  # type: ignore[union-attr]
+        if not self.registered.supports_undo:
             return ()
         return self._offload(self.storage.undoLog, first, last)
 
     def undoInfo(self, first: int = 0, last: int = -20, spec: Any = None) -> Any:
-        if not self.state.supports_undo:  # type: ignore[union-attr]
+        if not self.registered.supports_undo:
             return ()
         return self._offload(self.storage.undoInfo, first, last, spec)
 
@@ -397,7 +404,7 @@ class ZEOStorage:
             # storage usable; ``\xff`` * 8 would end it for everyone.
             if type(tid) is not bytes or len(tid) != 8 or tid >= MAX_OID:
                 raise StorageTransactionError(f"bad transaction id {peer_repr(tid, 40)}")
-            if tid <= self.state.published_tid:  # type: ignore[union-attr]
+            if tid <= self.registered.published_tid:
                 raise StorageTransactionError(
                     f"transaction id {tid.hex()} is not after the last committed one")
         if status not in _STATUSES:
@@ -409,12 +416,12 @@ class ZEOStorage:
             raise StorageTransactionError("a transaction extension is a dict")
         self.txn = ServerTransaction(txn_id, user, description, dict(extension or {}), tid,
                                      status)
-        self.state.stats_active_txns += 1  # type: ignore[union-attr]
+        self.registered.stats_active_txns += 1
 
     def storea(self, oid: bytes, serial: bytes, data: Any, txn_id: Any) -> None:
         txn = self._writable_txn(txn_id, oid, serial)
         data = _record_data(data)
-        self.state.stats_stores += 1  # type: ignore[union-attr]
+        self.registered.stats_stores += 1
         self._buffer(txn, (STORE, oid, serial, data), len(data) if data else 0)
 
     def checkCurrentSerialInTransaction(self, oid: bytes, serial: bytes, txn_id: Any) -> None:
@@ -426,12 +433,12 @@ class ZEOStorage:
         data = _record_data(data)
         if prev_txn is not None:
             _check_tid_arg(prev_txn)
-        self.state.stats_stores += 1  # type: ignore[union-attr]
+        self.registered.stats_stores += 1
         self._buffer(txn, (RESTORE, oid, serial, data, prev_txn), len(data) if data else 0)
 
     def deleteObject(self, oid: bytes, serial: bytes, txn_id: Any) -> None:
         txn = self._writable_txn(txn_id, oid, serial)
-        self.state.stats_stores += 1  # type: ignore[union-attr]
+        self.registered.stats_stores += 1
         self._buffer(txn, (DELETE, oid, serial), 0)
 
     def undoa(self, undone_tid: bytes, txn_id: Any) -> None:
