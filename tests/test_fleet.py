@@ -436,12 +436,9 @@ def test_a_server_killed_holding_the_database_locks(fleet, closing):
         c.call("vote", 1)  # locks held in the database now
         a.proc.kill()
         a.proc.wait(10)
-    t0 = time.monotonic()
+    # Locks left behind would make this commit wait for RelStorage's lock timeout, then fail.
     with db_b.transaction() as conn:
         conn.root()["x"]["n"] = 1
-    took = time.monotonic() - t0
-    print(f"commit through the other server {took:.3f} s after the kill")
-    assert took < 10
     assert _value(db_b, "x") == 1
 
 

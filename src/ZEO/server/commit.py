@@ -454,17 +454,15 @@ class CommitPath:
         storage's own vote (another server committed in between): the whole vote runs once
         more, from a fresh snapshot, where the conflict is seen (and resolved) at store.
         """
-        retry = self.state.mvcc and not txn.blobs
-        try:
-            return self._vote_once(txn)
-        except VoteRaced as e:
-            if not retry:
-                raise ConflictError(oid=e.oid, serials=e.serials) from None
-        self.state.stats_vote_retries += 1
-        try:
-            return self._vote_once(txn)
-        except VoteRaced as e:
-            raise ConflictError(oid=e.oid, serials=e.serials) from None
+        attempts = 2 if self.state.mvcc and not txn.blobs else 1  # blobs are consumed
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._vote_once(txn)
+            except VoteRaced as e:
+                if attempt == attempts:
+                    raise ConflictError(oid=e.oid, serials=e.serials) from None
+                self.state.stats_vote_retries += 1
+        raise AssertionError("unreachable")
 
     def _vote_once(self, txn: ServerTransaction) -> tuple[str, Any]:
         """One replay of the buffered records and the storage's vote."""

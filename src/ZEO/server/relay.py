@@ -16,6 +16,7 @@ for the commits between the last published tid and its own before publishing its
 from __future__ import annotations
 
 import logging
+import os
 import select
 import threading
 import time
@@ -70,8 +71,6 @@ class Relay:
 
     def wake(self) -> None:
         try:
-            import os
-
             os.write(self._wake_w, b"x")
         except OSError:
             pass
@@ -189,8 +188,6 @@ class Relay:
 
 
 def _pipe() -> tuple[int, int]:
-    import os
-
     r, w = os.pipe()
     os.set_blocking(r, False)
     os.set_blocking(w, False)
@@ -198,8 +195,6 @@ def _pipe() -> tuple[int, int]:
 
 
 def _drain(fd: int) -> None:
-    import os
-
     try:
         while os.read(fd, 4096):
             pass
