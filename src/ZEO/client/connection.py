@@ -191,8 +191,16 @@ class Call:
             if not self._lock.acquire(True, -1 if timeout is None else timeout):
                 raise ClientDisconnected(f"timed out waiting for the reply to {self.name}")
             self._lock.release()  # let the other waiters of a collapsed call through
-        if self.exc is not None:
-            raise self.exc
+        exc = self.exc
+        if exc is not None:
+            try:
+                raise exc
+            finally:
+                # The traceback holds this frame: without this, the call, its error and
+                # every frame the error passes through (the application's, with its
+                # persistent objects) would form a cycle (docs/client.rst, "The collector
+                # and the pickle cache").
+                del self, exc
         return self.value
 
 
@@ -388,6 +396,8 @@ class Connection:
                 self._pending.pop(call.msgid, None)
             raise ClientDisconnected(
                 f"no reply to {name} from {self.peer!r} within {timeout} s") from None
+        finally:
+            del call  # no cycle through an error's traceback (see Call.wait)
 
     #: Seconds the reader thread waits in epoll before looking at ``closed`` again (a close
     #: wakes it; this only bounds a close that raced a leader's re-arm).
@@ -628,6 +638,7 @@ class Connection:
                     value = call.on_reply(args)
                 except BaseException as e:
                     call._finish(exc=e)
+                    del call  # its traceback holds this frame (see Call.wait)
                     return
             call._finish(value)
             if call.after_reply is not None:

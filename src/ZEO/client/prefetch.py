@@ -80,21 +80,27 @@ class Prefetcher:
         again; otherwise the request goes out, followed by any read-ahead the miss triggers.
         """
         prefetching = conn.pending((oid, MAXTID)) if tid != MAXTID else None
+        fetched_ahead = prefetching is not None
         if prefetching is not None:
             try:
                 prefetching.wait()
             except Exception:
                 pass  # fall back to a load of our own
+            finally:
+                del prefetching  # no cycle through an error's traceback (see Call.wait)
             r = self.cache.loadBefore(oid, tid)
             if r is not None:
                 return r
         call = self.request(conn, oid, tid)
         ahead = self.read_ahead
-        if ahead is not None and prefetching is None:
+        if ahead is not None and not fetched_ahead:
             oids = ahead.miss(oid)
             if oids:
                 self._fetch_ahead(conn, oids)
-        return call.wait()
+        try:
+            return call.wait()
+        finally:
+            del call
 
     def request(self, conn: Connection, oid: bytes, tid: bytes) -> Call:
         """Send ``loadBefore(oid, tid)``; its reply is cached and, for a current record,
