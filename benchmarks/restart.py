@@ -156,8 +156,21 @@ class Result:
             "worst_conflicts": worst[1],
             "conflicts_after_restarts": sum(sum(r.conflicts.values()) for r in self.restarts),
             "commits": sum(1 for e in self.events if e["ev"] == "commit"),
+            # what a transaction that lost spent reading (its loads after the invalidations),
+            # against one that committed (its reads served by the caches)
+            "read_ms_median_conflicted": _median_ms(
+                e["t_read"] - e["t0"] for e in self.events if e["ev"] == "conflict"),
+            "read_ms_median_committed": _median_ms(
+                e["t_read"] - e["t0"] for e in self.events if e["ev"] == "commit"),
+            "most_conflicts_in_a_row": max(
+                (e["conflicts"] for e in self.events if e["ev"] == "commit"), default=None),
             "problems": len(self.problems),
         }
+
+
+def _median_ms(seconds: Any) -> float | None:
+    values = list(seconds)
+    return round(1000 * statistics.median(values), 2) if values else None
 
 
 def _read_events(paths: list[Path]) -> list[dict]:

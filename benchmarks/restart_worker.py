@@ -10,7 +10,11 @@ conflicts in a row (at most 10).  Every event is a JSON line in the output file:
   ``t`` (acknowledged at), ``seen`` (the other workers' counters this transaction read),
   ``conflicts`` (retried before it);
 * ``conflict``, ``disconnected`` (``ClientDisconnected`` or another transient error; an
-  interrupted ``tpc_finish`` may or may not have committed), ``error``.
+  interrupted ``tpc_finish`` may or may not have committed), ``error``;
+* ``stats``: the client storage's ``statistics()`` at the end, where it has them (ours).
+
+``RESTART_CLIENT_OPTS`` (JSON) adds keyword arguments to ``ZEO.DB``, for experiments:
+``'{"prefetch_references": 0}'`` for our client without reference prefetch.
 
 ``--init N`` creates the objects for N workers and exits.
 """
@@ -55,7 +59,8 @@ def main(addr: str, wid: int, workers: int, stop_file: str, out_path: str,
     from ZEO.Exceptions import ClientDisconnected
 
     rng = random.Random(wid * 7919 + os.getpid())
-    db = ZEO.DB(_addr(addr), blob_dir=blob_dir, wait_timeout=120)
+    extra = json.loads(os.environ.get("RESTART_CLIENT_OPTS", "{}"))
+    db = ZEO.DB(_addr(addr), blob_dir=blob_dir, wait_timeout=120, **extra)
     tm = transaction.TransactionManager()
     conn = db.open(tm)
     out = open(out_path, "a", buffering=1)
@@ -103,6 +108,8 @@ def main(addr: str, wid: int, workers: int, stop_file: str, out_path: str,
             event("commit", n=n, t0=t0, seen=seen, conflicts=in_a_row,
                   tid=shared._p_serial.hex(), t_read=t_read)
             in_a_row = 0
+    if hasattr(db.storage, "statistics"):
+        event("stats", stats=json.loads(json.dumps(db.storage.statistics(), default=str)))
     conn.close()
     db.close()
 
