@@ -151,6 +151,7 @@ class Result:
             "restarts": len(self.restarts),
             "all_back_median_s": statistics.median(alls) if alls else None,
             "all_back_max_s": max(alls) if alls else None,
+            "all_back_s": [round(a, 2) for a in alls],
             "per_client_median_s": statistics.median(per) if per else None,
             "per_client_worst_s": worst[0],
             "worst_conflicts": worst[1],
