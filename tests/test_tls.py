@@ -272,3 +272,29 @@ def test_transport_concurrent_send_and_recv(certs):
     transport.close()
     assert done.wait(30)
     listener.close()
+
+
+def test_a_refused_tls_connection_leaves_no_cycle(certs, make_tls_server):
+    """The constructor's TLSError, once dropped, frees the caller's frame without the cyclic
+    collector (issue 21: docs/client.rst, "The collector and the pickle cache")."""
+    import gc
+    import weakref
+
+    class Marker:
+        pass
+
+    srv = make_tls_server(certs)
+
+    def application() -> weakref.ref:
+        marker = Marker()
+        with pytest.raises(TLSError):
+            ClientStorage(srv.addr, ssl=client_context(certs),
+                          ssl_server_hostname="db.example.com")
+        return weakref.ref(marker)
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert application()() is None
+    finally:
+        gc.enable()

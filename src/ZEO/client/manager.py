@@ -257,50 +257,55 @@ class ConnectionManager:
         fallback: tuple[Any, Connection] | None = None
         fallback_ok = (self.registration.read_only_fallback and upgrade_from is None
                        and allow_fallback)
-        while pending:
-            addr, conn, err = results.get()
-            pending -= 1
-            if conn is None:
-                if isinstance(err, TLSError):  # a configuration problem: tell the waiter
-                    tls_error = err
-                self._note_failure(addr, err, "connecting to")
-                continue
-            if self._closed:
-                conn.close()
-                continue
-            try:
-                self._setup(conn, self.registration.read_only, upgrade_from)
-            except ReadOnlyError as e:
-                storage.abandon_setup(conn)
-                if fallback_ok and fallback is None:
-                    fallback = (addr, conn)  # used if no address lets us write
-                else:
+        err: BaseException | None = None
+        try:
+            while pending:
+                addr, conn, err = results.get()
+                pending -= 1
+                if conn is None:
+                    if isinstance(err, TLSError):  # a configuration problem: tell the waiter
+                        tls_error = err
+                    self._note_failure(addr, err, "connecting to")
+                    continue
+                if self._closed:
                     conn.close()
-                    if upgrade_from is None:
-                        self._note_failure(addr, RegistrationFailed("the server is read-only"),
-                                           "registration with")
+                    continue
+                try:
+                    self._setup(conn, self.registration.read_only, upgrade_from)
+                except ReadOnlyError as e:
+                    storage.abandon_setup(conn)
+                    if fallback_ok and fallback is None:
+                        fallback = (addr, conn)  # used if no address lets us write
                     else:
-                        logger.debug("no upgrade: %r is read-only (%s)", addr, e)
-                continue
-            except Exception as e:
-                conn.close()
-                storage.abandon_setup(conn)
-                self._note_failure(addr, e, "registration or cache validation with")
-                continue
-            return self._won(conn, results, pending, fallback)
-        if fallback is not None and not self._closed:
-            addr, conn = fallback
-            try:
-                self._setup(conn, True, None)
-            except Exception as e:
-                conn.close()
-                storage.abandon_setup(conn)
-                self._note_failure(addr, e, "read-only registration with")
-            else:
-                return self._won(conn, results, 0, None)
-        if tls_error is not None and upgrade_from is None:
-            self.connect_error = tls_error  # every address failed, one of them on TLS
-        return False
+                        conn.close()
+                        if upgrade_from is None:
+                            self._note_failure(addr, RegistrationFailed("the server is read-only"),
+                                               "registration with")
+                        else:
+                            logger.debug("no upgrade: %r is read-only (%s)", addr, e)
+                    continue
+                except Exception as e:
+                    conn.close()
+                    storage.abandon_setup(conn)
+                    self._note_failure(addr, e, "registration or cache validation with")
+                    continue
+                return self._won(conn, results, pending, fallback)
+            if fallback is not None and not self._closed:
+                addr, conn = fallback
+                try:
+                    self._setup(conn, True, None)
+                except Exception as e:
+                    conn.close()
+                    storage.abandon_setup(conn)
+                    self._note_failure(addr, e, "read-only registration with")
+                else:
+                    return self._won(conn, results, 0, None)
+            if tls_error is not None and upgrade_from is None:
+                self.connect_error = tls_error  # every address failed, one of them on TLS
+            return False
+        finally:
+            # A traceback may hold this frame: its locals must not hold the errors too.
+            err = tls_error = None
 
     def _won(self, conn: Connection, results: queue.Queue, pending: int,
              fallback: tuple[Any, Connection] | None) -> bool:

@@ -218,7 +218,11 @@ class ClientStorage(ConflictResolvingStorage):
                 err = self._manager.connect_error
                 self.close()
                 if err is not None:
-                    raise err
+                    self._manager.connect_error = None
+                    try:
+                        raise err
+                    finally:
+                        del err  # its traceback holds this frame: no cycle
                 raise ClientDisconnected(
                     f"timed out waiting for connection: {self._manager.failure_summary()}")
 
